@@ -1,0 +1,65 @@
+# mlnb: `make demo` runs the main job on the embedded defaults; `make test` runs every check.
+# Both set everything up from a fresh clone: Python packages from uv.lock into .venv (bytecode compiled),
+# the `mlnb` Jupyter kernel inside the venv (papermill runs pipelines on it), Debian's chromium (browser test).
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+export OMP_WAIT_POLICY ?= PASSIVE
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
+
+.PHONY: setup system-deps demo test check-clean check-export nbtest pytest export clean-pipelines lab app serve
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: uv.lock pyproject.toml
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	UV_COMPILE_BYTECODE=1 uv sync --frozen
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name mlnb --display-name "Python (mlnb)" >/dev/null
+	@touch $@
+
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+demo: setup
+	$(BIN)/mlnb demo
+
+# The README's test command. Order: notebooks clean, package in sync, inline notebook tests, pytest.
+test: setup system-deps check-clean check-export nbtest pytest
+
+check-clean: setup
+	@before=$$(find nbs -name '*.ipynb' -print0 | sort -z | xargs -0 sha256sum); \
+	$(BIN)/nbdev-clean; \
+	after=$$(find nbs -name '*.ipynb' -print0 | sort -z | xargs -0 sha256sum); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev-clean changed notebooks: run 'make export' and commit"; exit 1; fi; \
+	echo "notebooks are clean"
+
+check-export: setup
+	@before=$$(find mlnb -name '*.py' -print0 | sort -z | xargs -0 sha256sum); \
+	$(BIN)/nbdev-export; \
+	after=$$(find mlnb -name '*.py' -print0 | sort -z | xargs -0 sha256sum); \
+	if [ "$$before" != "$$after" ]; then echo "notebooks and mlnb/ are not in sync: run 'make export' and commit"; exit 1; fi; \
+	echo "mlnb/ is in sync with nbs/"
+
+nbtest: setup
+	$(BIN)/nbdev-test --n-workers 2 --timing
+
+pytest: setup
+	$(BIN)/pytest tests -q
+
+# Developer conveniences
+export: setup
+	$(BIN)/nbdev-export && $(BIN)/nbdev-clean && $(MAKE) --no-print-directory clean-pipelines
+
+clean-pipelines: setup
+	$(BIN)/jupyter nbconvert --clear-output --inplace nbs/pipelines/*.ipynb 2>/dev/null
+
+lab: setup
+	uv sync --frozen --extra lab && $(BIN)/jupyter lab
+
+app: setup
+	$(BIN)/mlnb app
+
+serve: setup
+	$(BIN)/mlnb serve
