@@ -1,0 +1,86 @@
+"""Integrity of registered models: every artifact is hashed and verified at load."""
+import shutil
+from pathlib import Path
+import numpy as np, pytest
+from conftest import make_settings
+from mlnb.registry import load_model, IntegrityError, sha256_file, MANIFEST_TAG
+from mlnb.audit import read_audit
+
+
+def _store_file(settings, rel: str) -> Path:
+    "The file `rel` of the champion's model directory in the artifact store (not the local cache)."
+    import mlflow
+    c = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    mv = c.get_model_version_by_alias(settings.model_name, "champion")
+    src = c.get_model_version_download_uri(settings.model_name, mv.version)
+    return Path(src.removeprefix("file://"))/rel
+
+
+@pytest.fixture
+def own_home(trained_home, tmp_path):
+    "A private copy of the trained home, so tampering does not affect other tests."
+    home = tmp_path/"home"
+    shutil.copytree(trained_home.settings.home, home)
+    s = trained_home.settings.replace(home=home, artifact_root="")
+    # the copied MLflow DB still points at the original artifact location: repoint by copying the artifacts too
+    import sqlite3
+    con = sqlite3.connect(home/"mlflow.db")
+    old = str(trained_home.settings.home)
+    for table, col in [("experiments", "artifact_location"), ("runs", "artifact_uri"), ("model_versions", "source"),
+                       ("model_versions", "storage_location"), ("logged_models", "artifact_location")]:
+        try: con.execute(f"UPDATE {table} SET {col} = REPLACE({col}, ?, ?)", (old, str(home)))
+        except sqlite3.OperationalError: pass
+    con.commit(); con.close()
+    shutil.rmtree(s.models_dir, ignore_errors=True)
+    assert _store_file(s, "model.ubj").is_relative_to(home)      # tampering hits the copy, never the shared home
+    return s
+
+
+def test_load_verifies_and_predicts(trained_home):
+    b = trained_home.bundle
+    ref = b.reference.head(200)
+    assert set(b.manifest["files"]) == {"model.ubj", "extra_files/feature_spec.json", "extra_files/reference.parquet",
+                                        "extra_files/versions.json"}
+    for rel, h in b.manifest["files"].items():
+        assert sha256_file(b.path/rel) == h
+    p = b.predict_frame(ref)
+    assert p.shape == (200,) and ((p > 0) & (p < 1)).all()
+
+
+@pytest.mark.parametrize("rel", ["model.ubj", "extra_files/feature_spec.json", "extra_files/reference.parquet"])
+def test_tampered_artifact_is_refused(own_home, rel):
+    f = _store_file(own_home, rel)
+    data = bytearray(f.read_bytes()); data[len(data) // 2] ^= 0x01      # flip one bit
+    f.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"{rel} has SHA-256 .* expected"):
+        load_model(own_home, "champion")
+
+
+def test_truncated_artifact_is_refused(own_home):
+    f = _store_file(own_home, "model.ubj")
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(IntegrityError, match=r"model.ubj has SHA-256 .*\(100 bytes\)"):
+        load_model(own_home, "champion")
+
+
+def test_tampered_manifest_is_refused(own_home):
+    "Rewriting the manifest to match a changed model does not help: its hash is in the registry DB."
+    import json
+    from mlnb.core import write_json
+    mf = _store_file(own_home, "extra_files/manifest.json")
+    m = json.loads(mf.read_text()); m["files"]["model.ubj"] = "0" * 64
+    write_json(mf, m)
+    with pytest.raises(IntegrityError, match="manifest.json has SHA-256 .* the registry expects"):
+        load_model(own_home, "champion")
+
+
+def test_damaged_cache_heals_from_store(own_home):
+    b = load_model(own_home, "champion")
+    (b.path/"model.ubj").write_bytes(b"garbage")
+    b2 = load_model(own_home, "champion")           # re-downloaded from the (intact) store and verified
+    assert sha256_file(b2.path/"model.ubj") == b.manifest["files"]["model.ubj"]
+
+
+def test_unknown_alias_is_a_clear_error(trained_home):
+    with pytest.raises(LookupError, match="has no version or alias 'nope'"):
+        load_model(trained_home.settings, "nope")
