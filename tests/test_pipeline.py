@@ -19,7 +19,7 @@ def test_train_pipeline_registers_champion(trained_home):
     assert 0.6 < metrics["test_auc"] < 0.9, metrics   # a real signal on real data, not a constant
     assert json.loads((run.out_dir/"params.json").read_text())["sample"] == 0.05
     # MLflow: run with params/metrics, the executed notebook attached, version registered with champion alias
-    client = mlflow.MlflowClient(s.mlflow_tracking_uri)
+    client = mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri)
     r = client.get_run(metrics["mlflow_run_id"])
     assert r.info.status == "FINISHED"
     assert r.data.params["sample"] == "0.05" and abs(r.data.metrics["test_auc"] - metrics["test_auc"]) < 1e-9
@@ -37,7 +37,7 @@ def test_second_run_does_not_steal_champion(tmp_path):
     params = {"sample": 0.03, "num_boost_round": 20, "nthread": 1}
     first = run_pipeline("train", params, s)
     second = run_pipeline("train", params, s)
-    client = mlflow.MlflowClient(s.mlflow_tracking_uri)
+    client = mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri)
     assert second.metrics["model_version"] == first.metrics["model_version"] + 1
     assert str(client.get_model_version_by_alias(s.model_name, "champion").version) == str(first.metrics["model_version"])
 
@@ -55,7 +55,7 @@ def test_failing_pipeline_keeps_notebook_audits_and_exits_nonzero(tmp_path):
     end = read_audit(s, operation="pipeline_run", phase="end")[-1]
     assert end["outcome"] == "failure" and end["error"]["type"] and end["error"]["message"]
     # no model was registered
-    client = mlflow.MlflowClient(s.mlflow_tracking_uri)
+    client = mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri)
     assert client.search_registered_models() == []
 
 

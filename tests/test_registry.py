@@ -10,29 +10,34 @@ from mlnb.audit import read_audit
 def _store_file(settings, rel: str) -> Path:
     "The file `rel` of the champion's model directory in the artifact store (not the local cache)."
     import mlflow
-    c = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    c = mlflow.MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_registry_uri)
     mv = c.get_model_version_by_alias(settings.model_name, "champion")
     src = c.get_model_version_download_uri(settings.model_name, mv.version)
     return Path(src.removeprefix("file://"))/rel
 
 
+@pytest.fixture(scope="module")
+def small_model():
+    "A small real model (2% of January-March), trained once for this module."
+    from mlnb.core import Settings
+    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE
+    from mlnb.validate import FeatureSpec
+    from mlnb.train import train_booster
+    df = build_training_set(Settings(), months=(1, 3), sample=0.02)
+    spec = FeatureSpec.infer(df, FEATURES, target="delayed", categorical=CATEGORICAL, nullable=NULLABLE)
+    return train_booster(spec, df, num_boost_round=20, early_stopping_rounds=None, nthread=1).booster, spec, df
+
+
 @pytest.fixture
-def own_home(trained_home, tmp_path):
-    "A private copy of the trained home, so tampering does not affect other tests."
-    home = tmp_path/"home"
-    shutil.copytree(trained_home.settings.home, home)
-    s = trained_home.settings.replace(home=home, artifact_root="")
-    # the copied MLflow DB still points at the original artifact location: repoint by copying the artifacts too
-    import sqlite3
-    con = sqlite3.connect(home/"mlflow.db")
-    old = str(trained_home.settings.home)
-    for table, col in [("experiments", "artifact_location"), ("runs", "artifact_uri"), ("model_versions", "source"),
-                       ("model_versions", "storage_location"), ("logged_models", "artifact_location")]:
-        try: con.execute(f"UPDATE {table} SET {col} = REPLACE({col}, ?, ?)", (old, str(home)))
-        except sqlite3.OperationalError: pass
-    con.commit(); con.close()
-    shutil.rmtree(s.models_dir, ignore_errors=True)
-    assert _store_file(s, "model.ubj").is_relative_to(home)      # tampering hits the copy, never the shared home
+def own_home(tmp_path, small_model):
+    "A fresh home of its own with one registered champion, so tampering cannot touch any other test's model."
+    import mlflow
+    from mlnb.registry import mlflow_setup, register_model
+    s = make_settings(tmp_path)
+    mlflow_setup(s)
+    with mlflow.start_run():
+        register_model(*small_model, settings=s)
+    assert _store_file(s, "model.ubj").is_relative_to(tmp_path)
     return s
 
 

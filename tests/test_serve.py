@@ -1,0 +1,178 @@
+"""End-to-end tests of the model server: a real `mlnb serve` process on 127.0.0.1, a trained champion, httpx."""
+import json, math, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_BATCH, MAX_BODY = 64, 200_000
+
+
+def _clean(row: dict, spec) -> dict:
+    "A reference row as a JSON-able request record: the spec's features only, float NaN as null."
+    return {n: (None if isinstance(v := row.get(n), float) and math.isnan(v) else v) for n in spec.names}
+
+
+class Server:
+    def __init__(self, proc, port, log_path):
+        self.proc, self.port, self.log_path = proc, port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def log(self) -> str: return Path(self.log_path).read_text(errors="replace")[-5000:]
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try: self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill(); self.proc.wait(10)
+                raise AssertionError(f"server did not stop within {timeout}s after {sig!r}:\n{self.log()}")
+        return self.proc.returncode
+
+
+@pytest.fixture
+def server(trained_home, free_port, tmp_path):
+    "A real server process on `free_port`, ready to serve; stopped (SIGTERM) at the end if still running."
+    env = {**trained_home.env, "MLNB_MAX_BATCH": str(MAX_BATCH), "MLNB_MAX_BODY_BYTES": str(MAX_BODY),
+           # flush only on shutdown, so the SIGTERM test proves close() writes everything
+           "MLNB_LOG_FLUSH_SECONDS": "600", "MLNB_LOG_FLUSH_ROWS": "1000000"}
+    log_path = tmp_path/"server.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlnb.cli", "serve", "--port", str(free_port)],
+                                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    srv = Server(proc, free_port, log_path)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{srv.log()}"
+            try:
+                r = srv.client.get("/health/ready", timeout=2)
+                if r.status_code == 200: break
+                if r.status_code == 503 and "could not be loaded" in r.text:
+                    raise AssertionError(f"model failed to load: {r.text}\n{srv.log()}")
+            except httpx.TransportError: pass
+            assert time.monotonic() < deadline, f"server not ready after 90 s:\n{srv.log()}"
+            time.sleep(0.1)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try: proc.wait(20)
+            except subprocess.TimeoutExpired: proc.kill(); proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_home):
+    from mlnb.registry import load_model
+    return load_model(trained_home.settings, "champion")
+
+
+@pytest.fixture(scope="module")
+def rows(bundle):
+    return [_clean(r, bundle.spec) for r in bundle.reference.head(200).to_dicts()]
+
+
+def expected(bundle, records) -> list[float]:
+    return bundle.booster.inplace_predict(bundle.spec.encode_records(records)).tolist()
+
+
+def test_predictions_match_the_booster(server, bundle, rows):
+    c = server.client
+    ready = c.get("/health/ready").json()
+    assert (ready["model_name"], ready["model_version"]) == (bundle.name, bundle.version)
+    assert c.get("/health/live").status_code == 200
+    info = c.get("/models").json()
+    assert [(f["name"], f["kind"]) for f in info["features"]] == [(f.name, f.kind) for f in bundle.spec.features]
+    assert (info["name"], info["version"], info["run_id"]) == (bundle.name, bundle.version, bundle.run_id)
+
+    for rec in rows[:20]:
+        r = c.post("/predict", json=rec)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["prediction"] == expected(bundle, [rec])[0]    # exact: the float32 result, sent as float64
+        assert (body["model_name"], body["model_version"], body["arm"]) == (bundle.name, bundle.version, "champion")
+        assert len(body["request_id"]) == 32 and body["latency_ms"] >= 0
+
+    batch = rows[:MAX_BATCH]
+    for payload in ({"records": batch}, batch):
+        r = c.post("/predict", json=payload)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == expected(bundle, batch)
+
+    r = c.post("/predict", json={**rows[0], "entity": "flight-42"}, headers={"x-request-id": "my-request-1"})
+    assert (r.status_code, r.json()["request_id"], r.headers["x-request-id"]) == (200, "my-request-1", "my-request-1")
+
+
+def test_bad_requests_get_a_clear_4xx(server, bundle, rows):
+    c, spec, rec = server.client, bundle.spec, rows[0]
+    num = next(f.name for f in spec.features if f.kind == "num" and not f.nullable)
+    cat = next(f.name for f in spec.features if f.kind == "cat" and not f.nullable)
+    missing = {k: v for k, v in rec.items() if k != num}
+    big = json.dumps([rec] * 4000).encode()
+    assert len(big) > MAX_BODY
+
+    def chunked():
+        for i in range(0, len(big), 16_384): yield big[i:i + 16_384]
+
+    cases = [  # (name, request kwargs, status, text the answer must contain)
+        ("missing field", dict(json=missing), 422, f"field '{num}': missing field"),
+        ("wrong type", dict(json={**rec, num: "eleven"}), 422, f"field '{num}': expected a number"),
+        ("wrong type (cat)", dict(json={**rec, cat: 7}), 422, f"field '{cat}': expected a string"),
+        ("NaN", dict(content=json.dumps({**rec, num: float("nan")}).encode()), 422, f"field '{num}': must be finite"),
+        ("null not allowed", dict(json={**rec, cat: None}), 422, f"field '{cat}': null is not allowed"),
+        ("bad record in batch", dict(json={"records": [rec, {**rec, num: None}]}), 422, f"record 1: field '{num}'"),
+        ("empty body", dict(content=b""), 400, "body is empty"),
+        ("invalid JSON", dict(content=b'{"carrier": "UA",'), 400, "not valid JSON"),
+        ("not an object", dict(content=b'"hello"'), 400, "must be a JSON object"),
+        ("too many records", dict(json=[rec] * (MAX_BATCH + 1)), 413, f"max_batch={MAX_BATCH}"),
+        ("body too large", dict(content=big), 413, "max_body_bytes=200,000"),
+        ("body too large (chunked)", dict(content=chunked()), 413, "max_body_bytes=200,000"),
+    ]
+    assert "NaN" in cases[3][1]["content"].decode()
+    problems = []
+    for name, kw, status, text in cases:
+        r = c.post("/predict", **kw)
+        if r.status_code != status or text not in r.text:
+            problems.append(f"{name}: expected {status} containing {text!r}, got {r.status_code} {r.text[:300]}")
+        elif r.status_code == 422:
+            assert r.json()["error"] == "invalid_record" and r.json()["detail"]["field"] in (num, cat), r.text
+        ok = c.post("/predict", json=rec)      # the server still answers a valid request afterwards
+        if ok.status_code != 200: problems.append(f"after {name}: valid request got {ok.status_code} {ok.text[:200]}")
+    r = c.get("/predict")
+    if (r.status_code, r.headers.get("allow")) != (405, "POST"): problems.append(f"GET /predict: {r.status_code}")
+    if c.get("/nope").status_code != 404: problems.append("unknown path is not a 404")
+    assert not problems, "\n".join(problems) + "\n" + server.log()
+    assert "Traceback" not in server.log()
+
+
+def test_sigterm_flushes_every_answered_prediction(server, bundle, rows, trained_home):
+    from mlnb.predlog import read_predictions
+    c, answered = server.client, {}
+    for rec in rows[:30]:
+        r = c.post("/predict", json={**rec, "entity": "e1"})
+        assert r.status_code == 200, r.text
+        answered[r.json()["request_id"]] = [r.json()["prediction"]]
+    r = c.post("/predict", json={"records": rows[30:40]})
+    answered[r.json()["request_id"]] = r.json()["predictions"]
+    assert c.post("/predict", json={**rows[0], "distance": "x"}).status_code == 422   # not logged
+    # uvicorn shuts down gracefully, then re-raises the signal it caught, so the exit status says "terminated"
+    assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM), server.log()
+    assert "Application shutdown complete" in server.log()
+
+    log = read_predictions(trained_home.settings)
+    assert set(answered) <= set(log["request_id"].to_list()), server.log()
+    mine = log.filter(log["request_id"].is_in(list(answered)))
+    assert mine.height == 40
+    for rid, preds in answered.items():
+        assert mine.filter(mine["request_id"] == rid)["prediction"].to_list() == preds
+    assert set(mine["model_version"].to_list()) == {bundle.version}
+    assert set(mine["arm"].to_list()) == {"champion"}
+    first = mine.filter(mine["entity"] == "e1").head(1).to_dicts()[0]     # raw request values, one column each
+    raw = lambda f, v: v if v is None or f.kind == "cat" else float(v)
+    assert {f.name: first[f.name] for f in bundle.spec.features} == {f.name: raw(f, rows[0][f.name])
+                                                                    for f in bundle.spec.features}
+    assert mine["latency_ms"].min() > 0 and mine["ts"].is_sorted()
