@@ -28,19 +28,19 @@ demo: setup
 # The README's test command. Order: notebooks clean, package in sync, inline notebook tests, pytest.
 test: setup system-deps check-clean check-export nbtest pytest
 
+# $(call unchanged,FIND-ARGS,COMMAND,MESSAGE): fail when COMMAND changes any file that `find FIND-ARGS` lists.
+define unchanged
+	@sum() { find $(1) -print0 | sort -z | xargs -0 sha256sum; }; before=$$(sum); $(2) || exit 1; \
+	if [ "$$before" != "$$(sum)" ]; then echo "$(3): run 'make export' and commit"; exit 1; fi
+endef
+
 check-clean: setup
-	@before=$$(find nbs -name '*.ipynb' -print0 | sort -z | xargs -0 sha256sum); \
-	$(BIN)/nbdev-clean; \
-	after=$$(find nbs -name '*.ipynb' -print0 | sort -z | xargs -0 sha256sum); \
-	if [ "$$before" != "$$after" ]; then echo "nbdev-clean changed notebooks: run 'make export' and commit"; exit 1; fi; \
-	echo "notebooks are clean"
+	$(call unchanged,nbs -name '*.ipynb',$(BIN)/nbdev-clean,nbdev-clean changed notebooks)
+	@echo "notebooks are clean"
 
 check-export: setup
-	@before=$$(find mlnb -name '*.py' -print0 | sort -z | xargs -0 sha256sum); \
-	$(BIN)/nbdev-export; \
-	after=$$(find mlnb -name '*.py' -print0 | sort -z | xargs -0 sha256sum); \
-	if [ "$$before" != "$$after" ]; then echo "notebooks and mlnb/ are not in sync: run 'make export' and commit"; exit 1; fi; \
-	echo "mlnb/ is in sync with nbs/"
+	$(call unchanged,mlnb -name '*.py',$(BIN)/nbdev-export,notebooks and mlnb/ are not in sync)
+	@echo "mlnb/ is in sync with nbs/"
 
 nbtest: setup
 	$(BIN)/nbdev-test --n-workers 2 --timing
