@@ -17,10 +17,12 @@ $(VENV)/.installed: uv.lock pyproject.toml
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name mlnb --display-name "Python (mlnb)" >/dev/null
 	@touch $@
 
+# Debian packages the tests need: chromium (browser test of the app), redis-server (online feature store test).
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
 demo: setup
 	$(BIN)/mlnb demo
