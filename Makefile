@@ -17,10 +17,11 @@ $(VENV)/.installed: uv.lock pyproject.toml
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name mlnb --display-name "Python (mlnb)" >/dev/null
 	@touch $@
 
-# Debian packages the tests need: chromium (browser test of the app), redis-server (online feature store test).
+# Debian packages: chromium (browser test of the app), redis-server (online store test), wrk (serving benchmark),
+# gcc (the server compiles trees to C with tl2cgen; without it, it serves with XGBoost).
 system-deps:
-	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
-	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	@missing=""; for p in chromium:chromium redis-server:redis-server wrk:wrk gcc:gcc; do \
+	  command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p##*:}"; done; \
 	if [ -n "$$missing" ]; then SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
