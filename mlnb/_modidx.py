@@ -355,6 +355,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.registry.AliasChange.to_dict': ('registry.html#aliaschange.to_dict', 'mlnb/registry.py'),
                                'mlnb.registry.IntegrityError': ('registry.html#integrityerror', 'mlnb/registry.py'),
                                'mlnb.registry.ModelBundle': ('registry.html#modelbundle', 'mlnb/registry.py'),
+                               'mlnb.registry.ModelBundle.contract': ('registry.html#modelbundle.contract', 'mlnb/registry.py'),
                                'mlnb.registry.ModelBundle.predict_frame': ('registry.html#modelbundle.predict_frame', 'mlnb/registry.py'),
                                'mlnb.registry.ModelBundle.reference': ('registry.html#modelbundle.reference', 'mlnb/registry.py'),
                                'mlnb.registry.PromotionRefused': ('registry.html#promotionrefused', 'mlnb/registry.py'),

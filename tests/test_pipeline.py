@@ -83,3 +83,13 @@ def test_own_table_regression(tmp_path):
     from mlnb.registry import load_model
     b = load_model(s, "champion", name="sales")
     assert b.spec.task == "regression" and b.spec["shop"].kind == "cat"
+
+
+def test_out_of_range_hyperparameter_refuses_to_start(tmp_path):
+    s = make_settings(tmp_path)
+    with pytest.raises(PipelineError, match="learning_rate"):
+        run_pipeline("train", {"learning_rate": 5.0, "nthread": 1}, s)
+    (run,) = list_runs(s, "train")
+    assert run["outcome"] == "failure" and "InvalidParameters" in run["error"]["type"]
+    client = mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri)
+    assert client.search_registered_models() == []

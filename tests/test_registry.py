@@ -45,7 +45,7 @@ def test_load_verifies_and_predicts(trained_home):
     b = trained_home.bundle
     ref = b.reference.head(200)
     assert set(b.manifest["files"]) == {"model.ubj", "extra_files/feature_spec.json", "extra_files/reference.parquet",
-                                        "extra_files/versions.json"}
+                                        "extra_files/versions.json", "extra_files/data_contract.json"}
     for rel, h in b.manifest["files"].items():
         assert sha256_file(b.path/rel) == h
     p = b.predict_frame(ref)
@@ -89,3 +89,19 @@ def test_damaged_cache_heals_from_store(own_home):
 def test_unknown_alias_is_a_clear_error(trained_home):
     with pytest.raises(LookupError, match="has no version or alias 'nope'"):
         load_model(trained_home.settings, "nope")
+
+
+def test_version_carries_its_data_contract(trained_home):
+    "The train pipeline registers the data contract of its training rows inside the hashed bundle."
+    import mlflow
+    from mlnb.validate import validate
+    b = trained_home.bundle
+    c = b.contract
+    assert c is not None and set(b.spec.names) <= set(c.features)
+    s = trained_home.settings
+    mv = mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri).get_model_version(s.model_name, b.version)
+    assert mv.tags["mlnb.contract_sha256"] == c.sha256 == trained_home.run.metrics["contract_sha256"]
+    report = validate(b.reference, c, mode="score")  # the training sample satisfies its own contract
+    assert not report.errors, report.errors
+    broken = b.reference.drop("distance")
+    assert any(f.column == "distance" for f in validate(broken, c, mode="score").errors)
