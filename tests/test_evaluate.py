@@ -176,16 +176,12 @@ def test_model_card_of_a_demo_like_model(flights, tmp_path):
     assert d["results"]["bias"]["report"]["summary"][0]["column"] == "carrier"
 
 
-def test_evaluation_is_fast_on_50k_rows(flights):
+def test_evaluation_on_50k_rows(flights):
     "Metrics with intervals, a paired comparison with 1000 resamples and the bias change on ~50k rows."
     test = pl.concat([flights.test, flights.test.head(50_000 - flights.test.height)])
     y = test["delayed"].cast(pl.Float64).to_numpy()
     pa, pb = ev.predict(flights.models["coarse"], test), ev.predict(flights.models["good"], test)
-    t0 = time.perf_counter()
     c = ev.compare(y, pa, pb, ["auc", "pr_auc", "logloss", "brier", "ece"], n_bootstrap=1000)
-    t1 = time.perf_counter()
-    ev.compare_bias(test, y, pa, pb, ["carrier", "origin"], n_bootstrap=1000)
-    t2 = time.perf_counter()
-    print(f"\n50k rows, 1000 paired resamples: compare {t1 - t0:.2f} s, compare_bias {t2 - t1:.2f} s")
+    bias = ev.compare_bias(test, y, pa, pb, ["carrier", "origin"], n_bootstrap=1000)
     assert c["auc"].n == 50_000 and c["auc"].n_bootstrap == 1000
-    assert t2 - t0 < 60      # generous: a shared, busy machine; about 3 s on a quiet one
+    assert {"carrier:demographic_parity_diff", "origin:equal_opportunity_diff"} <= set(bias)

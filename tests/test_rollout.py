@@ -23,39 +23,32 @@ def clean(row: dict, spec) -> dict:
 
 
 def client_for(s):
-    from mlflow import MlflowClient
-    return MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri)
+    from mlnb.registry import _client
+    return _client(s)
 
 
 def aliases(s) -> dict:
-    return {k: str(v) for k, v in client_for(s).get_registered_model(s.model_name).aliases.items()}
+    from mlnb.registry import aliases as registry_aliases
+    return registry_aliases(s)
 
 
 def promote(s) -> None:
-    "challenger -> champion (old champion -> previous): mlnb.registry.promote when it exists."
-    try: from mlnb.registry import promote as registry_promote
-    except ImportError: registry_promote = None
-    if registry_promote is not None: registry_promote(s, force=True, reason="rollout test"); return   # no release gate here
-    c, a = client_for(s), aliases(s)
-    c.set_registered_model_alias(s.model_name, "previous", a["champion"])
-    c.set_registered_model_alias(s.model_name, "champion", a["challenger"])
+    "challenger -> champion (old champion -> previous); forced: these tests have no release gate."
+    from mlnb.registry import promote as registry_promote
+    registry_promote(s, force=True, reason="rollout test")
 
 
 def rollback(s) -> None:
-    "previous -> champion: mlnb.registry.rollback when it exists."
-    try: from mlnb.registry import rollback as registry_rollback
-    except ImportError: registry_rollback = None
-    if registry_rollback is not None: registry_rollback(s, reason="rollout test"); return
-    c, a = client_for(s), aliases(s)
-    c.set_registered_model_alias(s.model_name, "champion", a["previous"])
+    "previous -> champion."
+    from mlnb.registry import rollback as registry_rollback
+    registry_rollback(s, reason="rollout test")
 
 
 def set_alias(s, alias: str, version: str) -> None:
-    "Move `alias` (mlnb.registry.set_challenger for the challenger when it exists)."
+    "Move `alias` (the challenger through mlnb.registry.set_challenger, as the evaluate pipeline does)."
     if alias == "challenger":
-        try: from mlnb.registry import set_challenger
-        except ImportError: set_challenger = None
-        if set_challenger is not None: set_challenger(s, version, reason="rollout test"); return
+        from mlnb.registry import set_challenger
+        set_challenger(s, version, reason="rollout test"); return
     client_for(s).set_registered_model_alias(s.model_name, alias, str(version))
 
 

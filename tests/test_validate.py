@@ -105,18 +105,13 @@ def test_score_mode_and_one_record(clean, contract):
                for r in clean.select(contract.features).head(500).to_dicts()]
     assert all(f.severity == "warning" for r in records for f in check(r))
     assert [f.check for f in check({**records[0], "distance": "far"})] == ["wrong_values"]
-    times = []
-    for r in records * 4:
-        t0 = time.perf_counter(); check(r); times.append(time.perf_counter() - t0)
-    p50 = float(np.median(times)) * 1000
-    assert p50 < 0.2, f"one record took {p50:.3f} ms (p50); the hot path needs well under 1 ms"
+    # its speed is measured by `mlnb bench features` (validate_one_record_p50_ms), not asserted here
 
 
-def test_a_full_year_validates_in_seconds(contract):
+def test_a_full_year_validates(contract):
+    "All 336,776 flights (timed by `mlnb bench features`: validate_year_seconds)."
     year = build_training_set(Settings(), months=(1, 12)).select(COLUMNS)
-    t0 = time.perf_counter()
     r = validate(year, contract, log=False)
-    assert time.perf_counter() - t0 < 5, "a full year of flights must validate in seconds"
     assert r.n_rows == 336_776 and r.ok     # later months drift (warnings) but break nothing
 
 
