@@ -509,7 +509,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mlnb.serve._State': ('serve.html#_state', 'mlnb/serve.py'),
                             'mlnb.serve._State.__init__': ('serve.html#_state.__init__', 'mlnb/serve.py'),
                             'mlnb.serve._count_rows': ('serve.html#_count_rows', 'mlnb/serve.py'),
-                            'mlnb.serve._env_float': ('serve.html#_env_float', 'mlnb/serve.py'),
                             'mlnb.serve._installed': ('serve.html#_installed', 'mlnb/serve.py'),
                             'mlnb.serve._loads': ('serve.html#_loads', 'mlnb/serve.py'),
                             'mlnb.serve._now_iso': ('serve.html#_now_iso', 'mlnb/serve.py'),
