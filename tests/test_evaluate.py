@@ -185,3 +185,17 @@ def test_evaluation_on_50k_rows(flights):
     bias = ev.compare_bias(test, y, pa, pb, ["carrier", "origin"], n_bootstrap=1000)
     assert c["auc"].n == 50_000 and c["auc"].n_bootstrap == 1000
     assert {"carrier:demographic_parity_diff", "origin:equal_opportunity_diff"} <= set(bias)
+
+
+def test_gate_and_card_compute_the_same_bias_gaps(flights):
+    "compare_bias (numpy, feeds the gate) and bias_report (polars, feeds the model card) agree on every gap."
+    y, test = flights.y, flights.test
+    pa, pb = flights.p["coarse"], flights.p["good"]
+    cols = ["carrier", "origin"]
+    comp = ev.compare_bias(test, y, pa, pb, cols, threshold=0.5, min_group_size=100, n_bootstrap=50)
+    for which, p in (("champion", pa), ("candidate", pb)):
+        rep = ev.bias_report(test, y, p, cols, threshold=0.5, min_group_size=100)
+        for col in cols:
+            for metric in ("demographic_parity_diff", "equal_opportunity_diff"):
+                assert getattr(comp[f"{col}:{metric}"], which) == pytest.approx(rep.value(col, metric), abs=1e-9), \
+                    (which, col, metric)
