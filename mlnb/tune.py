@@ -13,7 +13,8 @@ import polars as pl
 import optuna
 from optuna.trial import TrialState
 from .core import Settings, load_settings, ensure_dir, write_json, atomic_write_bytes
-from .validate import FeatureSpec
+from .schema import FeatureSpec
+from .params import search_limits
 from .train import make_params, make_dmatrix, boost, metric_maximize, data_fingerprint
 
 # %% auto #0
@@ -22,16 +23,7 @@ __all__ = ['PARAM_LIMITS', 'DEFAULT_SPACE', 'STALE_AFTER', 'Dim', 'SearchSpaceEr
            'TuneResult', 'trials_frame', 'study_figures', 'tune', 'best_params', 'build_parser', 'main']
 
 # %% ../nbs/21_tune.ipynb #60dc5695
-PARAM_LIMITS = {   # name: (kind, lowest, highest) or ("choice", allowed values)
-    "max_depth": ("int", 1, 20), "max_leaves": ("int", 0, 65536), "max_bin": ("int", 2, 4096),
-    "max_cat_to_onehot": ("int", 1, 256), "max_cat_threshold": ("int", 1, 4096),
-    "learning_rate": ("float", 1e-4, 1.0), "min_child_weight": ("float", 0.0, 1e4), "gamma": ("float", 0.0, 1e4),
-    "subsample": ("float", 0.05, 1.0), "colsample_bytree": ("float", 0.05, 1.0),
-    "colsample_bylevel": ("float", 0.05, 1.0), "colsample_bynode": ("float", 0.05, 1.0),
-    "reg_lambda": ("float", 0.0, 1e4), "reg_alpha": ("float", 0.0, 1e4), "max_delta_step": ("float", 0.0, 100.0),
-    "scale_pos_weight": ("float", 1e-3, 1e3),
-    "grow_policy": ("choice", ("depthwise", "lossguide")),
-}
+PARAM_LIMITS = search_limits()   # name: (kind, lowest, highest) or ("choice", allowed values): the tuning view of mlnb.params.HYPERPARAMETERS
 DEFAULT_SPACE = {"max_depth": [3, 10], "learning_rate": [0.02, 0.3, "log"], "min_child_weight": [1.0, 100.0, "log"],
                  "subsample": [0.5, 1.0], "colsample_bytree": [0.4, 1.0], "reg_lambda": [1e-3, 10.0, "log"]}
 

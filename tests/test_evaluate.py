@@ -19,7 +19,7 @@ def flights():
     rows, learning rate 0.05)."""
     from mlnb.core import Settings
     from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE
-    from mlnb.validate import FeatureSpec
+    from mlnb.schema import FeatureSpec
     from mlnb.train import train_booster, time_split
     df = build_training_set(Settings(), months=(1, 6))
     train, valid, test = time_split(df)

@@ -3,7 +3,7 @@ import numpy as np, polars as pl, pytest
 from mlnb.core import Settings
 from mlnb.data import load_flights, load_weather, add_target
 from mlnb.features import build_training_set, join_weather, FEATURES
-from mlnb.validate import DataCheckError, check_frame
+from mlnb.schema import DataCheckError, check_frame
 
 
 @pytest.fixture(scope="module")

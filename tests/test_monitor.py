@@ -12,7 +12,7 @@ from mlnb.core import Settings
 from mlnb.evaluate import shap_values, global_importance
 from mlnb.monitor import (DriftReport, drift_report, drift_from_predictions, save_latest_report, load_latest_report,
                           psi, ks_test)
-from mlnb.validate import FeatureSpec
+from mlnb.schema import FeatureSpec
 
 
 def _synth(rng, n, shift=0.0, new_cat=0.0):

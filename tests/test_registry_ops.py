@@ -44,7 +44,7 @@ def mlflow_server(tmp_path_factory):
 def _train_models():
     from mlnb.core import Settings
     from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE
-    from mlnb.validate import FeatureSpec
+    from mlnb.schema import FeatureSpec
     from mlnb.train import train_booster, time_split, data_fingerprint
     df = build_training_set(Settings(), months=(1, 6))
     train, valid, test = time_split(df)

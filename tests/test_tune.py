@@ -7,7 +7,7 @@ from conftest import ROOT, make_settings
 from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
 from mlnb.train import time_split
 from mlnb.tune import tune, open_storage, default_storage
-from mlnb.validate import FeatureSpec
+from mlnb.schema import FeatureSpec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
