@@ -14,6 +14,7 @@ from xgboost.callback import CallbackContainer, TrainingCallback
 from sklearn import metrics as skm
 from .core import atomic_write_bytes, ensure_dir
 from .schema import FeatureSpec
+from .data import frame_fingerprint
 
 # %% auto #0
 __all__ = ['DEFAULT_PARAMS', 'OBJECTIVES', 'CHECKPOINT_ATTR', 'time_split', 'ordered_split', 'data_fingerprint', 'binary_metrics',
@@ -47,11 +48,8 @@ def ordered_split(frame: pl.DataFrame, valid_fraction: float = 0.15, test_fracti
     return f[:a], f[a:b], f[b:]
 
 def data_fingerprint(frame: pl.DataFrame) -> str:
-    "A SHA-256 over the frame's schema and row hashes (stable for the same data)."
-    import hashlib
-    h = hashlib.sha256(str(frame.schema).encode())
-    h.update(frame.hash_rows(seed=0).to_numpy().tobytes())
-    return h.hexdigest()
+    "`data.frame_fingerprint(frame, ordered=True)`: the row order is part of a training set's identity."
+    return frame_fingerprint(frame, ordered=True)
 
 # %% ../nbs/20_train.ipynb #1ddd07c5
 def binary_metrics(y, p) -> dict:
@@ -272,7 +270,7 @@ def train_booster(spec: FeatureSpec, train: pl.DataFrame, valid: pl.DataFrame | 
     cols = [*spec.names, spec.target]
     data_id = None
     if checkpoint_dir:
-        data_id = data_fingerprint(train.select(cols)) + (data_fingerprint(valid.select(cols)) if valid is not None else "")
+        data_id = frame_fingerprint(train.select(cols), ordered=True) + (frame_fingerprint(valid.select(cols), ordered=True) if valid is not None else "")
     return boost(params, dtrain, evals, num_boost_round, early_stopping_rounds if valid is not None else None,
                  callbacks, checkpoint_dir, checkpoint_every, keep_checkpoints, data_id)
 

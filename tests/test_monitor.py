@@ -97,7 +97,7 @@ def test_drift_from_the_real_prediction_log(tmp_path):
 
 def test_drift_between_the_flights_halves_of_2013():
     "Real data: January-June vs July-December. The season shows in the weather; the airline mix barely moves."
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL
     settings = Settings()
     h1 = build_training_set(settings, months=(1, 6)).select(FEATURES)
     h2 = build_training_set(settings, months=(7, 12)).select(FEATURES)

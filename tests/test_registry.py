@@ -20,7 +20,7 @@ def _store_file(settings, rel: str) -> Path:
 def small_model():
     "A small real model (2% of January-March), trained once for this module."
     from mlnb.core import Settings
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE
     from mlnb.schema import FeatureSpec
     from mlnb.train import train_booster
     df = build_training_set(Settings(), months=(1, 3), sample=0.02)
