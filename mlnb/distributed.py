@@ -37,7 +37,7 @@ def _local_workers(address: str) -> int | None:
 @contextmanager
 def dask_client(address: str | None = None, threads_per_worker: int = 1, timeout: str = "30s"):
     "A `distributed.Client` to `address` (see `resolve_scheduler`); `local`/`local:N` starts a `LocalCluster`."
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster   # dask is optional and slow to import: only a Dask run needs it
     address = resolve_scheduler(address)
     if not address: raise ValueError(f"no Dask scheduler: pass an address such as tcp://host:8786 or 'local', or set "
                                      f"dask_scheduler in settings.ini or {ENV_SCHEDULER}")

@@ -128,8 +128,8 @@ def load_view_modules(settings: Settings | None = None, modules: str | None = No
     return done
 
 def get_feature_view(view: str | FeatureView, settings: Settings | None = None) -> FeatureView:
-    "The registered view named `view` (a `FeatureView` is returned as is); on a miss, `load_view_modules` first."
-    if isinstance(view, FeatureView): return view
+    "The registered view named `view` (a view object is returned as is); on a miss, `load_view_modules` first."
+    if not isinstance(view, str): return view
     if view not in _REGISTRY: load_view_modules(settings)
     try: return _REGISTRY[view]
     except KeyError:

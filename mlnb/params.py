@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 import numpy as np
+import psutil
 from .contracts import _as_polars, _num
 
 # %% auto #0
@@ -124,7 +125,6 @@ def _bytes(n: float) -> str:
 
 def available_memory() -> int:
     "Bytes of memory available to a new run right now (psutil)."
-    import psutil
     return int(psutil.virtual_memory().available)
 
 def estimate_training_memory(frame=None, n_rows: int | None = None, n_features: int | None = None,

@@ -103,7 +103,7 @@ class ModelRegistry:
 
     def version(self, ref: str | int = "champion"):
         "The MLflow `ModelVersion` of `ref` (a version number or an alias); `LookupError` when there is none."
-        return _resolve_version(self.client, self.name, ref)
+        return _resolve_version(self.client, self.name, str(ref))
 
     @contextmanager
     def _lock(self):
@@ -290,6 +290,109 @@ def aliases(self: ModelRegistry) -> dict[str, str]:
     try: rm = self.client.get_registered_model(self.name)
     except MlflowException as e: raise LookupError(f"no registered model {self.name!r} in {self.settings.mlflow_registry_uri}") from e
     return {a: str(v) for a, v in sorted(rm.aliases.items())}
+
+# %% ../nbs/36_registry.ipynb #2c070373
+@patch
+def set_challenger(self: ModelRegistry, version: str | int | None = None, reason: str = "") -> AliasChange:
+    "Point `challenger` at `version` (audited `set_challenger`; no change when it already does)."
+    settings, name, client = self.settings, self.name, self.client
+    if version is None: raise ValueError("set_challenger needs a version")
+    t0 = time.perf_counter()
+    with self._lock(), audited("set_challenger", settings, model_name=name,
+                                                 model_version=str(version)) as rec:
+        version = str(self.version(version).version)
+        before = self.aliases()
+        if before.get("challenger") == version:
+            changed, msg = False, f"v{version} is already the challenger"
+        else:
+            client.set_registered_model_alias(name, "challenger", version)
+            changed, msg = True, f"challenger -> v{version}" + (f" (was v{before['challenger']})" if "challenger" in before else "")
+        after = self.aliases()
+        rec.details.update(before=before, after=after, changed=changed, reason=reason, message=msg)
+        return AliasChange("set_challenger", name, changed, msg, before, after, version,
+                           seconds=time.perf_counter() - t0, audit_id=rec.audit_id)
+
+
+
+# %% ../nbs/36_registry.ipynb #e14fc31e
+def _gate_problem(mv, champion: str | None) -> str | None:
+    "Why `mv` may not replace `champion` (None when its recorded gate passed against exactly that champion)."
+    tags = mv.tags or {}
+    decision, against = tags.get(GATE_TAG), tags.get(GATE_CHAMPION_TAG)
+    if decision is None: return f"v{mv.version} has no recorded release gate; run the evaluate pipeline on it first"
+    if decision != "passed":
+        return f"v{mv.version} failed its release gate against v{against} ({tags.get(GATE_SUMMARY_TAG, 'see the evaluation run')[:300]})"
+    if against != (champion or "none"):
+        return (f"v{mv.version} passed its gate against v{against}, but the champion is now "
+                f"{'v' + champion if champion else 'none'}; evaluate it against the current champion")
+    return None
+
+@patch
+def promote(self: ModelRegistry, version: str | int | None = None, force: bool = False, verify: bool = True,
+            reason: str = "") -> AliasChange:
+    "Challenger (or `version`) -> champion, old champion -> previous. Audited `promote`; idempotent."
+    settings, name, client = self.settings, self.name, self.client
+    t0 = time.perf_counter()
+    with self._lock(), audited("promote", settings, model_name=name, rollback_available=True) as rec:
+        before = self.aliases()
+        champ, chall = before.get("champion"), before.get("challenger")
+        target = str(self.version(version).version) if version is not None else chall
+        rec.details.update(before=before, reason=reason, requested=None if version is None else str(version))
+        changed, forced = False, False
+        if target is None:
+            msg = "nothing to promote: there is no challenger" + (f"; champion stays v{champ}" if champ else "")
+        elif target == champ:
+            if chall == target:          # an interrupted promotion: finish it
+                client.delete_registered_model_alias(name, "challenger"); changed = True
+            msg = f"v{target} is already the champion" + ("; cleared its challenger alias" if changed else "")
+        else:
+            mv = client.get_model_version(name, target)
+            problem = _gate_problem(mv, champ)
+            if problem and not force:
+                raise PromotionRefused(f"refusing to promote {name} v{target}: {problem} (or pass force=True / --force)")
+            forced = bool(problem)
+            if verify: self.load(target)        # IntegrityError here: no alias has moved
+            if champ: client.set_registered_model_alias(name, "previous", champ)
+            client.set_registered_model_alias(name, "champion", target)
+            if chall == target: client.delete_registered_model_alias(name, "challenger")
+            client.set_model_version_tag(name, target, "mlnb.promoted_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            changed = True
+            msg = f"champion v{champ} -> v{target}" + (f"; previous -> v{champ}" if champ else "") + (" (FORCED: " + problem + ")" if forced else "")
+        after = self.aliases()
+        rec.model_version = after.get("champion")
+        rec.details.update(after=after, changed=changed, forced=forced, message=msg, verified=verify)
+        return AliasChange("promote", name, changed, msg, before, after, target, forced,
+                           time.perf_counter() - t0, rec.audit_id)
+
+# %% ../nbs/36_registry.ipynb #6e6e7a43
+@patch
+def rollback(self: ModelRegistry, verify: bool = True, reason: str = "") -> AliasChange:
+    "Previous -> champion (the demoted version is tagged); `previous` is removed. Audited `rollback`; idempotent."
+    settings, name, client = self.settings, self.name, self.client
+    t0 = time.perf_counter()
+    with self._lock(), audited("rollback", settings, model_name=name) as rec:
+        before = self.aliases()
+        champ, prev = before.get("champion"), before.get("previous")
+        rec.details.update(before=before, reason=reason)
+        changed = False
+        if prev is None:
+            msg = "nothing to roll back to: there is no previous version" + (f"; champion stays v{champ}" if champ else "")
+        elif prev == champ:            # an interrupted rollback: finish it
+            client.delete_registered_model_alias(name, "previous"); changed = True
+            msg = f"v{prev} is already the champion; cleared the previous alias"
+        else:
+            if verify: self.load(prev)
+            if champ:
+                client.set_model_version_tag(name, champ, "mlnb.rolled_back",
+                                             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} to v{prev}")
+            client.set_registered_model_alias(name, "champion", prev)
+            client.delete_registered_model_alias(name, "previous")
+            changed, msg = True, f"champion v{champ} -> v{prev} (rolled back)"
+        after = self.aliases()
+        rec.model_version = after.get("champion")
+        rec.details.update(after=after, changed=changed, message=msg, demoted=champ if changed and prev != champ else None)
+        return AliasChange("rollback", name, changed, msg, before, after, after.get("champion"),
+                           seconds=time.perf_counter() - t0, audit_id=rec.audit_id)
 
 # %% ../nbs/36_registry.ipynb #b741b55f
 @patch
