@@ -87,9 +87,12 @@ def cmd_audit(args, settings: Settings) -> int:
     return 0
 
 def cmd_runs(args, settings: Settings) -> int:
-    from mlnb.pipeline import list_runs
-    for r in list_runs(settings, args.name)[: args.limit]:
-        print(f"{r['name']:<10} {r['run_id']:<24} {r['outcome']:<8} {r['seconds']:>8.1f}s  {r['notebook']}")
+    from mlnb.schedule import runs_index, write_runs_index
+    for r in runs_index(settings, args.name)[: args.limit]:
+        fc = r["failed_cell"]
+        print(f"{r['pipeline']:<10} {r['run_id']:<24} {r['status']:<8} {r['seconds'] or 0:>8.1f}s  "
+              f"{'cell ' + str(fc['index']) + ': ' + str(fc['ename']) if fc else '':<28} {r['mlflow_run_id'] or '':<34} {r['notebook']}")
+    print(f"index: {write_runs_index(settings)}")
     return 0
 
 def cmd_settings(args, settings: Settings) -> int:
@@ -263,7 +266,9 @@ def cmd_demo(args, settings: Settings) -> int:
 DELEGATED = {"models": ("mlnb.registry", "models_cli", "list, show, promote, rollback and model cards"),
              "tune": ("mlnb.tune", "main", "Optuna hyperparameter search (parallel workers)"),
              "predict": ("mlnb.serve", "predict_cli", "batch scoring of a CSV/Parquet file"),
-             "features": ("mlnb.features", "features_cli", "feature views, materialization, online store")}
+             "features": ("mlnb.features", "features_cli", "feature views, materialization, online store"),
+             "schedule": ("mlnb.schedule", "schedule_cli", "run pipelines on the cron expressions of schedule.toml"),
+             "retrain": ("mlnb.retrain", "retrain_cli", "the retrain -> gate -> shadow -> canary -> promote loop")}
 
 def _delegate(module: str, func: str, argv: list[str], command: str) -> int:
     import importlib
