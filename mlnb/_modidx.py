@@ -604,6 +604,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlnb.schedule.Scheduler.sync': ('schedule.html#scheduler.sync', 'mlnb/schedule.py'),
                                'mlnb.schedule._check_job': ('schedule.html#_check_job', 'mlnb/schedule.py'),
                                'mlnb.schedule._dow_names': ('schedule.html#_dow_names', 'mlnb/schedule.py'),
+                               'mlnb.schedule._executor': ('schedule.html#_executor', 'mlnb/schedule.py'),
                                'mlnb.schedule._five': ('schedule.html#_five', 'mlnb/schedule.py'),
                                'mlnb.schedule._mlnb_cmd': ('schedule.html#_mlnb_cmd', 'mlnb/schedule.py'),
                                'mlnb.schedule._now': ('schedule.html#_now', 'mlnb/schedule.py'),
