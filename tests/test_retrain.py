@@ -239,3 +239,55 @@ def test_bad_candidate_forced_past_gate_is_rolled_back_by_canary(project, tmp_pa
     assert reg.aliases().get("champion") == champion and "challenger" not in reg.aliases()
     assert reg.version(loop.data["candidate_version"]).tags["mlnb.retrain_outcome"].startswith("rolled_back")
     assert traffic.failed == 0, traffic.errors[:5]
+
+
+def test_scheduled_retrain_check_starts_a_loop(project, tmp_path):
+    "The daily `retrain-check` job as the scheduler runs it (the retrain pipeline, action=check) fires on new labels."
+    from mlnb.schedule import JobSpec, run_job
+    from mlnb.retrain import RetrainLoop
+    from mlnb.policy import load_policy
+    s, records = project
+    srv = Server(s, _free_port(), tmp_path/"server.log")
+    traffic = Traffic(srv.url, records); traffic.start()
+    try:
+        while traffic.sent < 400: time.sleep(0.2)
+    finally: traffic.stop(); srv.stop()              # SIGTERM flushes the prediction log
+    policy = tmp_path/"retrain.toml"
+    policy.write_text("cooldown_hours = 0\nmax_retrains_per_day = 10\n[triggers.new_labels]\nmin_rows = 100\n"
+                      "[triggers.realized_decay]\nmargin = 0.5\nmin_labeled = 100\n[triggers.estimated_decay]\nmin_requests = 100\n"
+                      "[triggers.schedule]\nevery_days = 30\n")
+    rl = RetrainLoop(s, load_policy(s, policy))
+    ev = rl.check_triggers()                         # the evidence the job will see
+    rd = ev["triggers"]["realized_decay"]
+    assert rd["labeled"] >= 100 and rd["ci_low"] < rd["auc"] < rd["ci_high"] and not rd["fired"]
+    assert 0.5 < ev["triggers"]["estimated_decay"]["estimated_auc"] < 1 and not ev["triggers"]["schedule"]["fired"]
+    assert ev["fired"] == ["new_labels"] and ev["triggers"]["new_labels"]["labeled_since_last"] >= 100
+    row = run_job(JobSpec("retrain-check", "retrain", "30 6 * * *", params={"action": "check", "policy_path": str(policy)},
+                          retries=0), s)
+    assert row["status"] == "success", row
+    m = json.loads((s.reports_dir/"retrain"/row["run_ids"][0]/"metrics.json").read_text())
+    assert m["fired"] == ["new_labels"] and m["started"] and m["state"] == "triggered"
+    assert rl.check_triggers()["suppressed"] == "a retrain loop is already active"
+    assert rl.command("abort", "test cleanup").state == "aborted"
+
+
+def test_label_shuffled_candidate_is_stopped_by_the_gate(project, tmp_path):
+    "A candidate trained on label-shuffled data never reaches traffic: the gate rejects it, the champion stays."
+    from mlnb.policy import load_policy
+    from mlnb.retrain import RetrainLoop
+    from mlnb.registry import ModelRegistry
+    from mlnb.examples.flights import build_training_set, FEATURES, TARGET
+    s, _ = project
+    reg = ModelRegistry(s)
+    before = reg.aliases()
+    df = build_training_set(s, months=(2, 6), sample=0.1).select(*FEATURES, TARGET).drop_nulls(["pressure", "plane_age"])
+    df.with_columns(df[TARGET].shuffle(seed=1)).write_parquet(tmp_path/"shuffled.parquet")
+    policy = tmp_path/"retrain.toml"
+    policy.write_text(POLICY.format(extra=f', data_path = "{tmp_path/"shuffled.parquet"}", target = "{TARGET}"', canary_min=200, shadow_extra=""))
+    rl = RetrainLoop(s, load_policy(s, policy), poll_seconds=0.3)
+    rl.start({"kind": "manual"}, month=7)
+    loop = rl.drive(timeout=300)
+    assert loop.state == "rejected", rl.status()["transitions"][-1]
+    last = rl.store.transitions(loop.id)[-1]
+    assert last["evidence"]["guard"] == "gate" and last["evidence"]["gate_passed"] is False and last["reason"].startswith("gate: ")
+    assert reg.aliases() == before and [t["to"] for t in rl.store.transitions(loop.id)] == ["triggered", "training", "gating", "rejected"]
