@@ -136,7 +136,7 @@ def test_missed_runs_beyond_grace_are_recorded(project, tmp_path):
     assert not counter.exists()
 
 
-def test_retries_with_backoff_and_failed_cell(project, tmp_path):
+def test_retries_with_backoff_and_failed_cell(project, tmp_path, monkeypatch, capsys):
     "A failing run is retried; the ledger keeps every attempt's report; the index shows the failed cell."
     from mlnb.schedule import run_job, runs_index, write_runs_index
     counter = tmp_path/"ticks.txt"
@@ -152,6 +152,11 @@ def test_retries_with_backoff_and_failed_cell(project, tmp_path):
     assert idx[row["run_ids"][1]]["status"] == "success" and idx[row["run_ids"][1]]["job"] == "flaky"
     html = write_runs_index(project).read_text()
     assert "tick 1 fails on purpose" in html and html.count("<tr class='failure'>") == 2
+    from mlnb.cli import main                        # `mlnb runs`: the same listing, and the index
+    for k, v in project.to_env().items(): monkeypatch.setenv(k, v)
+    assert main(["runs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum("cell " in l and "RuntimeError" in l for l in out) == 2 and out[-1].endswith("index.html")
 
 
 def test_cli_list_and_exports(project, tmp_path, monkeypatch, capsys):
@@ -164,7 +169,7 @@ def test_cli_list_and_exports(project, tmp_path, monkeypatch, capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["job"] == "nightly" and datetime.fromisoformat(row["next_run"]).weekday() < 5
     assert schedule_cli(["--file", str(f), "export", "--crontab"]) == 0
-    assert "30 2 * * 1-5 cd " in capsys.readouterr().out
+    assert "30 2 * * 1-5 mkdir -p " in capsys.readouterr().out
     assert schedule_cli(["--file", str(f), "export", "--systemd", "--out", str(tmp_path/"units")]) == 0
     assert "OnCalendar=Mon,Tue,Wed,Thu,Fri *-*-* 2:30:00 UTC" in (tmp_path/"units"/"mlnb-nightly.timer").read_text()
     capsys.readouterr()
