@@ -254,7 +254,7 @@ def test_scheduled_retrain_check_starts_a_loop(project, tmp_path):
     finally: traffic.stop(); srv.stop()              # SIGTERM flushes the prediction log
     policy = tmp_path/"retrain.toml"
     policy.write_text("cooldown_hours = 0\nmax_retrains_per_day = 10\n[triggers.new_labels]\nmin_rows = 100\n"
-                      "[triggers.realized_decay]\nmargin = 0.5\nmin_labeled = 100\n[triggers.estimated_decay]\nmin_requests = 100\n"
+                      "[triggers.realized_decay]\nmargin = 0.5\nmin_labeled = 100\n[triggers.estimated_decay]\nmargin = 0.5\nmin_requests = 100\n"
                       "[triggers.schedule]\nevery_days = 30\n")
     rl = RetrainLoop(s, load_policy(s, policy))
     ev = rl.check_triggers()                         # the evidence the job will see
