@@ -134,7 +134,7 @@ def register_model(booster: xgb.Booster, spec: FeatureSpec, reference: pl.DataFr
             client.set_registered_model_alias(name, "champion", mv.version)
             rec.details["champion"] = True
         try:   # the registration card: lineage and training metrics (the evaluate pipeline writes the full one)
-            from mlnb.evaluate import model_card
+            from mlnb.cards import model_card
             card = model_card({"name": name, "version": str(mv.version)}, lineage=lineage(settings, mv.version, name), spec=spec)
             for ext, text in (("md", card.to_markdown()), ("html", card.to_html())):
                 client.log_text(run.info.run_id, text, f"card/v{mv.version}/model_card.{ext}")
@@ -488,7 +488,7 @@ def version_card(settings: Settings | None = None, ref: str | int = "champion", 
                                                         tracking_uri=settings.mlflow_tracking_uri)
                 out[ext] = Path(p).read_text()
         return {"markdown": out["md"], "html": out["html"], "source": uri}
-    from mlnb.evaluate import model_card
+    from mlnb.cards import model_card
     bundle = load_model(settings, mv.version, name)
     card = model_card({"name": name, "version": str(mv.version)}, lineage=lineage(settings, mv.version, name) |
                       {"files": bundle.manifest["files"] if bundle.manifest else {}}, spec=bundle.spec)
