@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 from fastcore.basics import patch
 from .core import atomic_write_bytes, write_json
-from .metrics import (DEFAULT_METRICS, best_threshold, bootstrap_ci, business_cost, calibration_table, check_predictions,
+from .metrics import (best_threshold, bootstrap_ci, business_cost, calibration_table, check_predictions,
                           expected_calibration_error, jsonable, threshold_metrics)
 from .fairness import BiasReport, bias_report
 from .robustness import RobustnessReport, robustness_report
