@@ -7,11 +7,12 @@ from __future__ import annotations
 import json, sqlite3, threading, time
 from pathlib import Path
 from .core import Settings, ensure_dir
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['state_path', 'ServingStore', 'read_feedback']
 
-# %% ../nbs/42_feedback.ipynb #7bb2bf97
+# %% ../nbs/42_feedback.ipynb #ebeab373
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS routing (id INTEGER PRIMARY KEY CHECK (id = 1), config TEXT, generation INTEGER NOT NULL,
                                     updated_at REAL, actor TEXT);
@@ -37,6 +38,7 @@ def _reward(label, reward, prediction):
     if label is not None and prediction is not None: return min(1.0, max(0.0, 1.0 - abs(float(label) - float(prediction))))
     return None
 
+# %% ../nbs/42_feedback.ipynb #cdeb3c94
 class ServingStore:
     "The serving state shared by every server process of a project (SQLite, WAL; one connection per thread)."
     def __init__(self, path: Path | str):
@@ -93,77 +95,85 @@ class ServingStore:
                        "ON CONFLICT(key) DO UPDATE SET value = value + 1")
             return db.execute("SELECT value FROM control WHERE key = 'reload'").fetchone()[0]
 
-    # routes and feedback --------------------------------------------------------------------------------------
-    def record_routes(self, rows: list[tuple]) -> None:
-        "Remember `(request_id, arm, model_version, prediction, ts)` rows (bandit attribution)."
-        if not rows: return
-        with self._tx() as db:
-            db.executemany("INSERT OR IGNORE INTO routes VALUES (?, ?, ?, ?, ?)", rows)
+# %% ../nbs/42_feedback.ipynb #ffa4e3d4
+@patch
+def record_routes(self: ServingStore, rows: list[tuple]) -> None:
+    "Remember `(request_id, arm, model_version, prediction, ts)` rows (bandit attribution)."
+    if not rows: return
+    with self._tx() as db:
+        db.executemany("INSERT OR IGNORE INTO routes VALUES (?, ?, ?, ?, ?)", rows)
 
-    def prune_routes(self, older_than: float) -> int:
-        with self._tx() as db: return db.execute("DELETE FROM routes WHERE ts < ?", (older_than,)).rowcount
+@patch
+def prune_routes(self: ServingStore, older_than: float) -> int:
+    with self._tx() as db: return db.execute("DELETE FROM routes WHERE ts < ?", (older_than,)).rowcount
 
-    def _apply(self, db, rid, label, reward, ts, route) -> bool:
-        "Upsert one feedback row; update the bandit counts when its route is known. True if attributed."
-        old = db.execute("SELECT arm, model_version, used_reward, applied FROM feedback WHERE request_id = ?", (rid,)).fetchone()
-        arm = version = prediction = used = None
-        applied = 0
-        if route is not None:
-            arm, version, prediction = route
-            used, applied = _reward(label, reward, prediction), 1
-        if old is not None and old[3] == 1 and old[2] is not None:      # undo what the earlier feedback counted
-            db.execute("UPDATE bandit SET n = n - 1, reward_sum = reward_sum - ? WHERE arm = ? AND model_version = ?",
-                       (old[2], old[0], old[1]))
-        if used is not None:
-            db.execute("INSERT INTO bandit (arm, model_version, n, reward_sum) VALUES (?, ?, 1, ?) "
-                       "ON CONFLICT(arm, model_version) DO UPDATE SET n = n + 1, reward_sum = reward_sum + excluded.reward_sum",
-                       (arm, version, used))
-        db.execute("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (rid, label, reward, ts, arm, version, prediction, used, applied))
-        return applied == 1
+@patch
+def _apply(self: ServingStore, db, rid, label, reward, ts, route) -> bool:
+    "Upsert one feedback row; update the bandit counts when its route is known. True if attributed."
+    old = db.execute("SELECT arm, model_version, used_reward, applied FROM feedback WHERE request_id = ?", (rid,)).fetchone()
+    arm = version = prediction = used = None
+    applied = 0
+    if route is not None:
+        arm, version, prediction = route
+        used, applied = _reward(label, reward, prediction), 1
+    if old is not None and old[3] == 1 and old[2] is not None:      # undo what the earlier feedback counted
+        db.execute("UPDATE bandit SET n = n - 1, reward_sum = reward_sum - ? WHERE arm = ? AND model_version = ?",
+                   (old[2], old[0], old[1]))
+    if used is not None:
+        db.execute("INSERT INTO bandit (arm, model_version, n, reward_sum) VALUES (?, ?, 1, ?) "
+                   "ON CONFLICT(arm, model_version) DO UPDATE SET n = n + 1, reward_sum = reward_sum + excluded.reward_sum",
+                   (arm, version, used))
+    db.execute("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (rid, label, reward, ts, arm, version, prediction, used, applied))
+    return applied == 1
 
-    def add_feedback(self, items: list[dict]) -> list[dict]:
-        "Store feedback items `{request_id, label?, reward?, ts?}` (validated by the caller); one transaction."
-        out = []
-        with self._tx() as db:
-            for it in items:
-                rid = it["request_id"]
-                route = db.execute("SELECT arm, model_version, prediction FROM routes WHERE request_id = ?", (rid,)).fetchone()
-                ok = self._apply(db, rid, it.get("label"), it.get("reward"), float(it.get("ts") or time.time()), route)
-                out.append({"request_id": rid, "arm": route[0] if route else None,
-                            "model_version": route[1] if route else None, "attributed": ok})
-        return out
+@patch
+def add_feedback(self: ServingStore, items: list[dict]) -> list[dict]:
+    "Store feedback items `{request_id, label?, reward?, ts?}` (validated by the caller); one transaction."
+    out = []
+    with self._tx() as db:
+        for it in items:
+            rid = it["request_id"]
+            route = db.execute("SELECT arm, model_version, prediction FROM routes WHERE request_id = ?", (rid,)).fetchone()
+            ok = self._apply(db, rid, it.get("label"), it.get("reward"), float(it.get("ts") or time.time()), route)
+            out.append({"request_id": rid, "arm": route[0] if route else None,
+                        "model_version": route[1] if route else None, "attributed": ok})
+    return out
 
-    def attribute_pending(self, max_age: float = 86_400.0, limit: int = 10_000) -> int:
-        "Attribute feedback that arrived before its route was recorded; returns how many were applied."
-        with self._tx() as db:
-            rows = db.execute("SELECT f.request_id, f.label, f.reward, f.ts, r.arm, r.model_version, r.prediction "
-                              "FROM feedback f JOIN routes r ON r.request_id = f.request_id "
-                              "WHERE f.applied = 0 AND f.ts >= ? LIMIT ?", (time.time() - max_age, limit)).fetchall()
-            for rid, label, reward, ts, arm, version, pred in rows:
-                self._apply(db, rid, label, reward, ts, (arm, version, pred))
-        return len(rows)
+@patch
+def attribute_pending(self: ServingStore, max_age: float = 86_400.0, limit: int = 10_000) -> int:
+    "Attribute feedback that arrived before its route was recorded; returns how many were applied."
+    with self._tx() as db:
+        rows = db.execute("SELECT f.request_id, f.label, f.reward, f.ts, r.arm, r.model_version, r.prediction "
+                          "FROM feedback f JOIN routes r ON r.request_id = f.request_id "
+                          "WHERE f.applied = 0 AND f.ts >= ? LIMIT ?", (time.time() - max_age, limit)).fetchall()
+        for rid, label, reward, ts, arm, version, pred in rows:
+            self._apply(db, rid, label, reward, ts, (arm, version, pred))
+    return len(rows)
 
-    def bandit_stats(self, versions: dict[str, str]) -> dict[str, tuple[float, float]]:
-        "`{arm: (n, reward_sum)}` for the given `{arm: model_version}`."
-        out = {}
-        db = self._db()
-        for arm, v in versions.items():
-            row = db.execute("SELECT n, reward_sum FROM bandit WHERE arm = ? AND model_version = ?", (arm, str(v))).fetchone()
-            out[arm] = (float(row[0]), float(row[1])) if row else (0.0, 0.0)
-        return out
+@patch
+def bandit_stats(self: ServingStore, versions: dict[str, str]) -> dict[str, tuple[float, float]]:
+    "`{arm: (n, reward_sum)}` for the given `{arm: model_version}`."
+    out = {}
+    db = self._db()
+    for arm, v in versions.items():
+        row = db.execute("SELECT n, reward_sum FROM bandit WHERE arm = ? AND model_version = ?", (arm, str(v))).fetchone()
+        out[arm] = (float(row[0]), float(row[1])) if row else (0.0, 0.0)
+    return out
 
-    def feedback(self, since: float | None = None):
-        "Stored feedback as a polars frame (`ts` as UTC datetime), to join with `read_predictions` on `request_id`."
-        import polars as pl
-        q, args = "SELECT request_id, label, reward, ts, arm, model_version, prediction, used_reward, applied FROM feedback", ()
-        if since is not None: q, args = q + " WHERE ts >= ?", (float(since),)
-        rows = self._db().execute(q + " ORDER BY ts", args).fetchall()
-        schema = {"request_id": pl.String, "label": pl.Float64, "reward": pl.Float64, "ts": pl.Float64, "arm": pl.String,
-                  "model_version": pl.String, "prediction": pl.Float64, "used_reward": pl.Float64, "applied": pl.Int64}
-        df = pl.DataFrame(rows, schema=schema, orient="row")
-        return df.with_columns((pl.col("ts") * 1e6).cast(pl.Int64).cast(pl.Datetime("us", "UTC")).alias("ts"))
+@patch
+def feedback(self: ServingStore, since: float | None = None):
+    "Stored feedback as a polars frame (`ts` as UTC datetime), to join with `read_predictions` on `request_id`."
+    import polars as pl
+    q, args = "SELECT request_id, label, reward, ts, arm, model_version, prediction, used_reward, applied FROM feedback", ()
+    if since is not None: q, args = q + " WHERE ts >= ?", (float(since),)
+    rows = self._db().execute(q + " ORDER BY ts", args).fetchall()
+    schema = {"request_id": pl.String, "label": pl.Float64, "reward": pl.Float64, "ts": pl.Float64, "arm": pl.String,
+              "model_version": pl.String, "prediction": pl.Float64, "used_reward": pl.Float64, "applied": pl.Int64}
+    df = pl.DataFrame(rows, schema=schema, orient="row")
+    return df.with_columns((pl.col("ts") * 1e6).cast(pl.Int64).cast(pl.Datetime("us", "UTC")).alias("ts"))
 
+# %% ../nbs/42_feedback.ipynb #1f4c86ea
 def read_feedback(settings: Settings, since: float | None = None):
     "The feedback stored by the model server for `settings` (see `ServingStore.feedback`)."
     p = state_path(settings)

@@ -60,7 +60,7 @@ def records_to_frame(records: list[dict], spec: FeatureSpec) -> pl.DataFrame:
     df = pl.DataFrame({k: pl.Series(k, v, dtype=pl.Int64 if k == "ts" else schema[k]) for k, v in cols.items()})
     return df.with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
 
-# %% ../nbs/44_predlog.ipynb #0cee7dc2
+# %% ../nbs/44_predlog.ipynb #ba07a40c
 def _stderr(msg: str) -> None:
     try: print(f"[mlnb.predlog] {msg}", file=sys.stderr, flush=True)
     except Exception: pass
@@ -90,6 +90,25 @@ def clean_stale_temp(root: Path | str) -> int:
             except OSError: pass
     return n
 
+# %% ../nbs/44_predlog.ipynb #bb129f31
+def _by_day(records: list[dict]) -> list[tuple[date, list[dict]]]:
+    "The records grouped by the UTC date of their `ts` (dates in order of first appearance)."
+    groups: dict = {}
+    for r in records:
+        try: day = (_EPOCH + timedelta(microseconds=_epoch_us(r["ts"]))).date()
+        except Exception: day = None        # left for _frame to report and drop
+        groups.setdefault(day, []).append(r)
+    if None in groups: groups[date(1970, 1, 1)] = groups.pop(None)
+    return list(groups.items())
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError: pass
+
+# %% ../nbs/44_predlog.ipynb #f8aabb85
 class PredictionLog:
     "Buffered, thread-safe writer of prediction-log part files (see the module docs for the layout)."
     def __init__(self, settings: Settings, feature_spec: FeatureSpec, flush_rows: int | None = None,
@@ -203,23 +222,6 @@ class PredictionLog:
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
-
-def _by_day(records: list[dict]) -> list[tuple[date, list[dict]]]:
-    "The records grouped by the UTC date of their `ts` (dates in order of first appearance)."
-    groups: dict = {}
-    for r in records:
-        try: day = (_EPOCH + timedelta(microseconds=_epoch_us(r["ts"]))).date()
-        except Exception: day = None        # left for _frame to report and drop
-        groups.setdefault(day, []).append(r)
-    if None in groups: groups[date(1970, 1, 1)] = groups.pop(None)
-    return list(groups.items())
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass
 
 # %% ../nbs/44_predlog.ipynb #318ee568
 def part_files(settings: Settings, since=None, until=None) -> list[Path]:
