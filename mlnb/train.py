@@ -17,10 +17,10 @@ from .data import frame_fingerprint
 from .metrics import binary_metrics, task_metrics
 
 # %% auto #0
-__all__ = ['DEFAULT_PARAMS', 'OBJECTIVES', 'CHECKPOINT_ATTR', 'time_split', 'ordered_split', 'data_fingerprint',
-           'metric_maximize', 'class_weight_value', 'make_params', 'make_dmatrix', 'CheckpointMismatch',
-           'checkpoint_path', 'list_checkpoints', 'load_checkpoint', 'ResumableEarlyStopping', 'TrainResult', 'boost',
-           'train_booster', 'Fold', 'time_folds', 'FoldEnsemble', 'CVResult', 'cross_validate']
+__all__ = ['DEFAULT_PARAMS', 'OBJECTIVES', 'CHECKPOINT_ATTR', 'time_split', 'ordered_split', 'metric_maximize',
+           'class_weight_value', 'make_params', 'make_dmatrix', 'CheckpointMismatch', 'checkpoint_path',
+           'list_checkpoints', 'load_checkpoint', 'ResumableEarlyStopping', 'TrainResult', 'boost', 'train_booster',
+           'Fold', 'time_folds', 'FoldEnsemble', 'CVResult', 'cross_validate']
 
 # %% ../nbs/21_train.ipynb #eef0e839
 def time_split(frame: pl.DataFrame, valid_months: int = 1, test_months: int = 1,
@@ -46,10 +46,6 @@ def ordered_split(frame: pl.DataFrame, valid_fraction: float = 0.15, test_fracti
     a, b = int(n * (1 - valid_fraction - test_fraction)), int(n * (1 - test_fraction))
     if a == 0 or b == a or b == n: raise ValueError(f"{n} rows are too few to split into train/valid/test")
     return f[:a], f[a:b], f[b:]
-
-def data_fingerprint(frame: pl.DataFrame) -> str:
-    "`data.frame_fingerprint(frame, ordered=True)`: the row order is part of a training set's identity."
-    return frame_fingerprint(frame, ordered=True)
 
 # %% ../nbs/21_train.ipynb #a0bc83da
 DEFAULT_PARAMS = {"tree_method": "hist", "max_depth": 6, "learning_rate": 0.1, "subsample": 0.8,
