@@ -38,7 +38,7 @@ def load_bundle(_s: Settings, home: str, model_name: str, version: str):
 
 @st.cache_data(show_spinner="Computing SHAP importance...", max_entries=8)
 def shap_importance(_bundle, home: str, model_name: str, version: str) -> pl.DataFrame:
-    from mlnb.evaluate import global_importance
+    from mlnb.explain import global_importance
     return global_importance(_bundle)
 
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # validation
     train = year.filter(pl.col("month") <= 6) if not args.quick else year
-    contract = F.training_contract(train)
+    contract = FL.training_contract(train)
     check = contract.validator()
     records = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
                for r in year.select(contract.features).sample(n=min(n, year.height), seed=2).to_dicts()]

@@ -159,7 +159,7 @@ def bench_model(home: str | None, keep: list) -> Settings:
 # %% ../nbs/61_bench_serve.ipynb #51fe0af5
 def inprocess(bundle, records: list[dict], cache_dir: Path, n: int = 5000) -> dict:
     "One-row latency (us) of mlnb's compiled predictor, XGBoost's inplace_predict, and mlnb's whole in-process path."
-    from mlnb.serve import LoadedModel
+    from mlnb.engine import LoadedModel
     m = LoadedModel(bundle)
     report = m.use_compiled(cache_dir)          # the server's own cache: it will find the library compiled
     X = bundle.spec.encode_records(records)

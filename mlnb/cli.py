@@ -265,7 +265,7 @@ def cmd_demo(args, settings: Settings) -> int:
 # %% ../nbs/60_cli.ipynb #239c38f4
 DELEGATED = {"models": ("mlnb.registry", "models_cli", "list, show, promote, rollback and model cards"),
              "tune": ("mlnb.tune", "main", "Optuna hyperparameter search (parallel workers)"),
-             "predict": ("mlnb.serve", "predict_cli", "batch scoring of a CSV/Parquet file"),
+             "predict": ("mlnb.batch", "predict_cli", "batch scoring of a CSV/Parquet file"),
              "features": ("mlnb.features", "features_cli", "feature views, materialization, online store"),
              "schedule": ("mlnb.schedule", "schedule_cli", "run pipelines on the cron expressions of schedule.toml"),
              "retrain": ("mlnb.retrain", "retrain_cli", "the retrain -> gate -> shadow -> canary -> promote loop")}

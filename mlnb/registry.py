@@ -24,6 +24,7 @@ from .core import Settings, load_settings, ensure_dir, write_json, actor
 from .audit import audited
 from .schema import FeatureSpec
 from .contracts import DataContract
+from .cards import model_card
 
 # %% auto #0
 __all__ = ['MANIFEST_TAG', 'GIT_TAG', 'DATA_TAG', 'VERSIONS_TAG', 'CARD_TAG', 'GATE_TAG', 'GATE_CHAMPION_TAG', 'GATE_RUN_TAG',
@@ -167,7 +168,6 @@ def register(self: ModelRegistry, booster: xgb.Booster, spec: FeatureSpec, refer
             client.set_registered_model_alias(name, "champion", mv.version)
             rec.details["champion"] = True
         try:   # the registration card: lineage and training metrics (the evaluate pipeline writes the full one)
-            from mlnb.evaluate import model_card   # evaluation imports SHAP and plotly (seconds): only a card needs it
             card = model_card({"name": name, "version": str(mv.version)}, lineage=self.lineage(mv.version), spec=spec)
             for ext, text in (("md", card.to_markdown()), ("html", card.to_html())):
                 client.log_text(run.info.run_id, text, f"card/v{mv.version}/model_card.{ext}")
@@ -489,7 +489,6 @@ def version_card(self: ModelRegistry, ref: str | int = "champion") -> dict:
                                                         tracking_uri=settings.mlflow_tracking_uri)
                 out[ext] = Path(p).read_text()
         return {"markdown": out["md"], "html": out["html"], "source": uri}
-    from mlnb.evaluate import model_card   # evaluation imports SHAP and plotly (seconds): only a card needs it
     bundle = self.load(mv.version)
     card = model_card({"name": name, "version": str(mv.version)}, lineage=self.lineage(mv.version) |
                       {"files": bundle.manifest["files"] if bundle.manifest else {}}, spec=bundle.spec)

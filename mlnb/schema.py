@@ -14,7 +14,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['NULL_PROBLEM', 'MISSING_PROBLEM', 'kind_of', 'value_problem', 'DataCheckError', 'check_frame', 'InvalidRecord',
-           'FeatureDef', 'FeatureSpec']
+           'FeatureDef', 'FeatureSpec', 'check_frame_records']
 
 # %% ../nbs/11_schema.ipynb #a877c653
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -196,3 +196,27 @@ def encode_records(self: FeatureSpec, records: list[Mapping]) -> np.ndarray:
             elif type(v) is str: row[j] = codes[f.name].get(v, nan)
             else: raise InvalidRecord(f.name, value_problem("cat", v), i)
     return out
+
+# %% ../nbs/11_schema.ipynb #34e2d083
+def check_frame_records(spec: FeatureSpec, df, offset: int = 0):
+    "Validate a frame chunk: (encoded float32 rows, per row None or (row, field, problem)); whole-column problems raise."
+    missing = [n for n in spec.names if n not in df.columns]
+    if missing: raise InvalidRecord(missing[0], "missing column" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    errors = [None] * df.height
+    def flag(mask, field, problem):
+        for i in np.flatnonzero(mask):
+            if errors[i] is None: errors[i] = (offset + int(i), field, problem)
+    for f in spec.features:
+        s = df[f.name]
+        if f.kind == "num":
+            if s.dtype == pl.Null: s = s.cast(pl.Float64)
+            if not s.dtype.is_numeric(): raise InvalidRecord(f.name, f"column has type {s.dtype}; expected numbers")
+            v = s.cast(pl.Float64)
+            null = v.is_null().to_numpy()
+            arr = v.fill_null(0.0).to_numpy()
+            flag(~np.isfinite(arr) & ~null, f.name, "must be finite")
+            flag((np.abs(arr) > np.finfo(np.float32).max) & np.isfinite(arr), f.name, "out of range for a 32-bit float")
+        else:
+            null = s.is_null().to_numpy()
+        if not f.nullable: flag(null, f.name, NULL_PROBLEM)
+    return spec.encode_frame(df.select(spec.names)), errors

@@ -1,4 +1,4 @@
-"""mlnb.monitor and mlnb.evaluate (SHAP) beyond the notebooks' inline examples: agreement with `shap`, the real
+"""mlnb.monitor and mlnb.explain (SHAP) beyond the notebooks' inline examples: agreement with `shap`, the real
 prediction log, the real flights data, and speed on a million rows."""
 import time
 from datetime import datetime, timedelta, timezone
@@ -9,7 +9,7 @@ import pytest
 import xgboost as xgb
 
 from mlnb.core import Settings
-from mlnb.evaluate import shap_values, global_importance
+from mlnb.explain import shap_values, global_importance
 from mlnb.monitor import (DriftReport, drift_report, drift_from_predictions, save_latest_report, load_latest_report,
                           psi, ks_test)
 from mlnb.schema import FeatureSpec

