@@ -129,6 +129,23 @@ def test_an_arm_with_no_labels_is_na_with_the_reason():
     json.dumps(a.to_dict())                                    # JSON-ready (no NaN, no numpy types)
 
 
+def test_cuped_with_each_units_pre_experiment_metric():
+    rng = np.random.default_rng(8)
+    req = synthetic_requests(20_000, seed=8)
+    u = rng.normal(size=req.height)                                         # a unit's lasting propensity
+    req = req.with_columns(reward=pl.Series(1.0 + u + rng.normal(0, 0.5, req.height)))
+    pre = pl.DataFrame({"unit": req["unit"], "pre_reward": u + rng.normal(0, 0.5, req.height),
+                        "pre_logloss": None, "pre_accuracy": None}).sample(fraction=0.7, seed=1)   # 30% without history
+    a = analyze(req, Experiment.from_dict({"id": "x", "arms": ["champion", "challenger"], "metric": "reward"}), pre=pre)
+    r = a.metrics["challenger"]["reward"]
+    assert a.covariate.startswith("pre-experiment")
+    assert abs(r["cuped"]["units_with_covariate"] - 0.7) < 0.02
+    # rho = 0.8 where the covariate exists: the variance falls by about 0.7 * 0.64 = 0.45
+    assert 0.35 < r["cuped"]["variance_reduction"] < 0.55, r["cuped"]
+    assert r["cuped"]["ci"][0] < 0 < r["cuped"]["ci"][1]                  # no effect: the interval covers 0
+    assert "cuped" not in a.metrics["challenger"]["logloss"]              # no pre-period log-loss: no adjustment
+
+
 def test_units_seen_in_two_arms_are_excluded_and_reported():
     req = synthetic_requests(2000, seed=6)
     dup = req.head(50).with_columns(arm=pl.when(pl.col("arm") == "champion").then(pl.lit("challenger")).otherwise(pl.lit("champion")),
@@ -261,8 +278,13 @@ def test_experiment_end_to_end_on_a_real_server(served, capsys):
     assert ab_cli(["start", "e2e-rb"], home) == 0
     g = json.loads(capsys.readouterr().out)["generation"]
     wait_until(lambda: server.models()["generation"] == g, timeout=15, what="the second experiment's routing")
-    rb = send(server, records, [f"other-{i}" for i in range(60)])
+    rb = send(server, records, entities[:60])                 # units seen before: their history is a CUPED covariate
     assert {a["arm"] for a in rb} == {"champion", "old"}
+    from mlnb.abtest import ExperimentStore, pre_period_units, analyze_experiment
+    pre = pre_period_units(home, ExperimentStore.for_settings(home).get("e2e-rb"))
+    assert set(pre["unit"]) == set(entities) and pre["pre_logloss"].null_count() < pre.height
+    logged(home, 580)
+    assert analyze_experiment(home, "e2e-rb", covariate="pre").covariate.startswith("pre-experiment")
     assert ab_cli(["stop", "e2e-rb", "--decision", "rollback", "--reason", "e2e rollback"], home) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["decision"] == "rollback" and out["promoted"] is None
