@@ -146,6 +146,29 @@ def test_cuped_with_each_units_pre_experiment_metric():
     assert "cuped" not in a.metrics["challenger"]["logloss"]              # no pre-period log-loss: no adjustment
 
 
+def test_decisions_in_words():
+    exp = Experiment.from_dict({"id": "x", "arms": ["champion", "challenger"], "metric": "reward"})
+    better = synthetic_requests(20_000, seed=9, lift=0.2)
+    a = analyze(better, exp)
+    assert a.decision["decision"] == "ship" and a.decision["winner"] == "challenger", a.decision
+    assert "challenger is significantly better: reward" in a.decision["reason"] and "always-valid 95% CI" in a.decision["reason"]
+    a = analyze(synthetic_requests(20_000, seed=9, lift=-0.2), exp)
+    assert a.decision["decision"] == "rollback" and "significantly worse" in a.decision["reason"], a.decision
+    slow = better.with_columns(latency_ms=pl.when(pl.col("arm") == "challenger").then(pl.col("latency_ms") * 2).otherwise(pl.col("latency_ms")))
+    a = analyze(slow, exp)
+    assert a.decision["decision"] == "rollback" and "guardrail latency_p99 failed for challenger" in a.decision["reason"], a.decision
+    rng = np.random.default_rng(10)                       # 1.5% of the challenger's requests answered by the fallback
+    moved = better.with_columns(arm=pl.when((pl.col("arm") == "challenger") & pl.Series(rng.random(better.height) < 0.015))
+                                .then(pl.lit("champion")).otherwise(pl.col("arm")))
+    a = analyze(moved, exp)
+    assert a.guardrails["challenger"]["error_rate"]["status"] == "fail"
+    assert a.decision["decision"] == "rollback" and "guardrail error_rate failed" in a.decision["reason"], a.decision
+    early = Experiment.from_dict({**exp.to_dict(), "min_duration_hours": 24})
+    a = analyze(better, early, started_at=time.time() - 3600)
+    assert a.decision["decision"] == "keep running" and "minimum duration 24 h" in a.decision["reason"], a.decision
+    assert analyze(better.head(3), exp).decision["reason"].startswith("too little traffic")
+
+
 def test_units_seen_in_two_arms_are_excluded_and_reported():
     req = synthetic_requests(2000, seed=6)
     dup = req.head(50).with_columns(arm=pl.when(pl.col("arm") == "champion").then(pl.lit("challenger")).otherwise(pl.lit("champion")),
