@@ -65,6 +65,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlnb.abtest.pre_period_units': ('abtest.html#pre_period_units', 'mlnb/abtest.py'),
                              'mlnb.abtest.sample_size': ('abtest.html#sample_size', 'mlnb/abtest.py'),
                              'mlnb.abtest.sequential_rho': ('abtest.html#sequential_rho', 'mlnb/abtest.py'),
+                             'mlnb.abtest.sequential_sample_size': ('abtest.html#sequential_sample_size', 'mlnb/abtest.py'),
                              'mlnb.abtest.srm_check': ('abtest.html#srm_check', 'mlnb/abtest.py'),
                              'mlnb.abtest.two_proportion_z': ('abtest.html#two_proportion_z', 'mlnb/abtest.py'),
                              'mlnb.abtest.units_frame': ('abtest.html#units_frame', 'mlnb/abtest.py'),

@@ -19,8 +19,7 @@ import pytest
 from conftest import ROOT
 from test_rollout import ServerProc, build_two_version_home, clean, wait_until
 
-from mlnb.abtest import (Experiment, ExperimentError, Moments, analyze, compare_metric, srm_check, sample_size,
-                         welch_test, ab_cli)
+from mlnb.abtest import (Experiment, ExperimentError, analyze, compare_metric, srm_check, sample_size, ab_cli)
 from mlnb.bench_abtest import (aa_simulation, power_simulation, reference_case, mlnb_case, reference_python,
                                run_reference, reference_differences, synthetic_requests)
 
@@ -45,6 +44,17 @@ def test_power_at_the_designed_sample_size():
     r = power_simulation(experiments=E, sigma=2.0, mde=0.25, alpha=0.05, power=0.8, seed=12)
     assert r["n_per_arm"] == sample_size(2.0, 0.25, 0.05, 0.8)["n_control"]
     assert abs(r["observed_power"] - 0.8) <= 3 * mc_se(0.8, E), r       # 0.027
+
+
+def test_always_valid_power_at_its_designed_sample_size():
+    from mlnb.abtest import sequential_sample_size
+    E, mde = 1000, 0.1
+    n = sequential_sample_size(1.0, mde, 0.05, 0.8)["n_control"]
+    assert n > sample_size(1.0, mde, 0.05, 0.8)["n_control"]
+    once = aa_simulation(experiments=E, peeks=1, batch=n, alpha=0.05, seed=14, effect=mde)
+    assert abs(once["fpr_sequential"] - 0.8) <= 3 * mc_se(0.8, E), once     # one look at the designed size: the power
+    peeking = aa_simulation(experiments=E, peeks=20, batch=math.ceil(n / 20), alpha=0.05, seed=15, effect=mde)
+    assert peeking["fpr_sequential"] >= 0.8 - 3 * mc_se(0.8, E), peeking  # looking earlier can only add power
 
 
 def test_sequential_test_detects_a_real_effect():
