@@ -231,9 +231,11 @@ def logged(settings, n: int) -> None:
 
 def test_experiment_end_to_end_on_a_real_server(served, capsys):
     from mlnb.audit import read_audit
-    from mlnb.registry import aliases, record_gate
-    from mlnb.routing import ServingStore, state_path
+    from mlnb.registry import ModelRegistry
+    from mlnb.feedback import ServingStore, state_path
     home, server, records, labels = served
+    registry = ModelRegistry(home)
+    aliases = lambda _settings: registry.aliases()
 
     # design (in process: the CLI function itself) and start
     assert ab_cli(["design", "e2e", "--arms", "champion", "challenger", "--metric", "logloss", "--mde", "0.05",
@@ -292,7 +294,7 @@ def test_experiment_end_to_end_on_a_real_server(served, capsys):
     assert p.returncode == 2 and "refusing to promote" in p.stderr, (p.returncode, p.stderr)
     assert aliases(home) == {"champion": "1", "challenger": "2"}
     assert ServingStore(state_path(home)).get_routing()[1]["strategy"] == "ab"          # still running
-    record_gate(home, "2", {"passed": True, "reasons": ["test gate"]}, champion_version="1")
+    registry.record_gate("2", {"passed": True, "reasons": ["test gate"]}, champion_version="1")
     p = mlnb(home, "ab", "stop", "e2e", "--decision", "ship", "--arm", "challenger", "--reason", "e2e ship")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
