@@ -268,7 +268,8 @@ DELEGATED = {"models": ("mlnb.registry", "models_cli", "list, show, promote, rol
              "predict": ("mlnb.batch", "predict_cli", "batch scoring of a CSV/Parquet file"),
              "features": ("mlnb.features", "features_cli", "feature views, materialization, online store"),
              "schedule": ("mlnb.schedule", "schedule_cli", "run pipelines on the cron expressions of schedule.toml"),
-             "retrain": ("mlnb.retrain", "retrain_cli", "the retrain -> gate -> shadow -> canary -> promote loop")}
+             "retrain": ("mlnb.retrain", "retrain_cli", "the retrain -> gate -> shadow -> canary -> promote loop"),
+             "ab": ("mlnb.abtest", "ab_cli", "A/B experiments between model versions: design, start, status, stop")}
 
 def _delegate(module: str, func: str, argv: list[str], command: str) -> int:
     import importlib
