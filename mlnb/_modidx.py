@@ -691,7 +691,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'mlnb.retrain._labeled': ('retrain.html#_labeled', 'mlnb/retrain.py'),
                               'mlnb.retrain._loop': ('retrain.html#_loop', 'mlnb/retrain.py'),
                               'mlnb.retrain._parser': ('retrain.html#_parser', 'mlnb/retrain.py'),
-                              'mlnb.retrain.asymptotic_cs': ('retrain.html#asymptotic_cs', 'mlnb/retrain.py'),
                               'mlnb.retrain.check_guards': ('retrain.html#check_guards', 'mlnb/retrain.py'),
                               'mlnb.retrain.estimated_auc': ('retrain.html#estimated_auc', 'mlnb/retrain.py'),
                               'mlnb.retrain.per_row_loss': ('retrain.html#per_row_loss', 'mlnb/retrain.py'),
