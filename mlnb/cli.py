@@ -8,7 +8,7 @@ import argparse, json, os, shlex, signal, socket, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from .core import Settings, load_settings
-from .audit import read_audit, audited, audit_query, verify, AuditLog, correlation
+from .audit import read_audit, audited, audit_query, verify, AuditLog, correlation, ChangeTicketRequired
 
 # %% auto #0
 __all__ = ['DELEGATED', 'parse_kv', 'cmd_run', 'cmd_serve', 'cmd_app', 'drift', 'cmd_drift', 'cmd_audit', 'cmd_runs',
@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         with correlation(inherited, os.environ.get("MLNB_COMMAND") or command,
                          os.environ.get("MLNB_PARENT_ID") if inherited else None, export=True):
             return _main(argv)
+    except ChangeTicketRequired as e:                  # refused (and audited as a failure) before anything changed
+        print(f"mlnb: {e}", file=sys.stderr); return 1
     finally:
         if ticket is not None:
             if saved is None: os.environ.pop("MLNB_CHANGE_TICKET", None)

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import orjson
 from .core import Settings, load_settings, ensure_dir, write_json
-from .audit import audited
+from .audit import audited, deployment_context
 from .predlog import PredictionLog
 from .validate import InvalidRecord, FeatureSpec
 from .routing import (RoutingConfig, RoutingError, Router, CircuitBreaker, ServingStore, state_path)
@@ -596,8 +596,10 @@ class ServeApp:
             after = {a: m.version for a, m in models.items()}
             if old is not None and old.fallback_model is not None:
                 try:
+                    # the swap joins the correlation of the promote/rollback that moved the alias (from the audit log)
                     with audited("serve_swap", self.settings, model_name=new.fallback_model.name,
-                                 model_version=new.fallback_model.version, resources=["serve"]) as rec:
+                                 model_version=new.fallback_model.version, resources=["serve"],
+                                 **deployment_context(self.settings, new.fallback_model.name, new.fallback_model.version)) as rec:
                         rec.details.update(before=before, after=after, strategy=config.strategy, generation=generation,
                                            routing_changed=old.config != config, pid=os.getpid(),
                                            problems={a: p[:300] for a, p in problems.items()})

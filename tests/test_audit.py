@@ -160,7 +160,19 @@ def test_correlation_from_mlnb_run_train_through_the_kernel_to_register(tmp_path
     # a server that reloads because of this registration joins the same correlation
     assert deployment_context(s, s.model_name, version) == dict(correlation_id=cid, parent_id=reg["audit_id"],
                                                                  command=reg["command"])
+    # production: `mlnb models promote` without a ticket is refused and audited; with one it goes through
+    no = cli(s, "models", "promote", "--version", version, env={"MLNB_CHANGE_TICKET": ""}, check=False)
+    assert no.returncode == 1 and "change ticket" in no.stderr and "Traceback" not in no.stderr, no.stderr
+    yes = cli(s, "--change-ticket", "CHG-10", "models", "promote", "--version", version, env={"MLNB_CHANGE_TICKET": ""})
+    assert '"changed": false' in yes.stdout                                     # v1 is already the champion
+    refused, done = read_audit(s, operation="promote", phase="end")
+    assert (refused["outcome"], refused["error_detail"]["type"], refused["change_ticket"]) == ("failure", "ChangeTicketRequired", "")
+    assert (done["outcome"], done["change_ticket"]) == ("success", "CHG-10")
+    assert done["command"] == f"mlnb --change-ticket CHG-10 models promote --version {version}"
+    assert done["correlation_id"] not in (cid, refused["correlation_id"])        # a new command, a new correlation
+    # every record this home holds (pipeline, validation, training, register, promote) matches the schema
     assert len(valid_lines(s)) == len(read_audit(s)) and verify(s).ok
+    assert {"pipeline_run", "register", "promote"} <= {r["operation"] for r in read_audit(s)}
 
 
 # --- retention -------------------------------------------------------------------------------------------------
