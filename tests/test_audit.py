@@ -264,6 +264,17 @@ def test_verify_detects_swapped_lines(scratch_settings):
     assert code == 1 and res["first_problem"]["kind"] == "reordered" and res["first_problem"]["line"] == 3
 
 
+def test_verify_detects_a_truncated_tail_and_an_edited_newest_record(scratch_settings):
+    s = scratch_settings
+    lines = _home_with_records(s)
+    s.audit_path.write_text("\n".join(lines[:-2]) + "\n")                      # the last two records removed
+    res = verify(s)
+    assert not res.ok and res.first_problem["kind"] == "removed" and res.first_problem["seq"] == 11
+    s.audit_path.write_text("\n".join(lines[:-1] + [lines[-1].replace('"i":5', '"i":0')]) + "\n")
+    res = verify(s)
+    assert not res.ok and res.first_problem["kind"] == "changed" and res.first_problem["line"] == 12
+
+
 def test_verify_across_rotated_files(scratch_settings):
     s = scratch_settings
     log = AuditLog(s)
@@ -323,3 +334,12 @@ def test_cli_audit_filters(scratch_settings):
     from mlnb.cli import _change_ticket        # `mlnb --change-ticket ID ...` (the train test checks it reaches records)
     assert _change_ticket(["--change-ticket=CHG-1", "models", "promote"]) == (["models", "promote"], "CHG-1")
     assert _change_ticket(["--change-ticket", "CHG-2", "run", "deploy"]) == (["run", "deploy"], "CHG-2")
+
+
+def test_cli_audit_rotate(scratch_settings):
+    s = scratch_settings
+    with audited("a", s): pass
+    assert json.loads(cli(s, "audit", "rotate").stdout) == {"sealed": "audit-000001.jsonl", "pruned": []}
+    assert [r["operation"] for r in read_audit(s)] == ["a", "a"] and verify(s).ok
+    bad = cli(s, "audit", "rotate", env={"MLNB_AUDIT_RETENTION_DAYS_PIPELINE": "30"}, check=False)
+    assert bad.returncode == 2 and "below the floor of 90 days" in bad.stderr
