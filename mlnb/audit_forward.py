@@ -4,13 +4,13 @@
 
 # %% ../nbs/01a_audit_forward.ipynb #0bbdf845
 from __future__ import annotations
-import atexit, fcntl, logging, logging.handlers, os, queue, socket, sys, threading, time, urllib.error, urllib.request
+import atexit, fcntl, json, logging, logging.handlers, os, queue, socket, sys, threading, time, urllib.error, urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['Spool', 'HttpForwarder', 'SyslogForwarder', 'forwarders', 'close_forwarders']
+__all__ = ['Spool', 'otlp_logs_body', 'HttpForwarder', 'SyslogForwarder', 'forwarders', 'close_forwarders']
 
 # %% ../nbs/01a_audit_forward.ipynb #c13776df
 class Spool:
@@ -43,15 +43,37 @@ def _size(p: Path) -> int:
     except FileNotFoundError: return 0
 
 # %% ../nbs/01a_audit_forward.ipynb #3514f205
+_OTLP_ATTRS = ("audit_id", "phase", "operation", "outcome", "user", "environment", "model_name", "model_version",
+               "correlation_id", "change_ticket")
+
+def otlp_logs_body(lines: list[bytes], service: str = "mlnb") -> bytes:
+    "NDJSON audit lines -> an OTLP/HTTP JSON `ExportLogsServiceRequest` (bytes)."
+    from datetime import datetime
+    recs = []
+    for line in lines:
+        r = json.loads(line)
+        ns = int(datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")).timestamp() * 1e9)
+        recs.append({"timeUnixNano": str(ns), "observedTimeUnixNano": str(time.time_ns()),
+                     "severityNumber": 17 if r.get("outcome") == "failure" else 9,
+                     "severityText": "ERROR" if r.get("outcome") == "failure" else "INFO",
+                     "body": {"stringValue": line.decode().rstrip("\n")},
+                     "attributes": [{"key": f"mlnb.audit.{k}", "value": {"stringValue": str(r[k])}}
+                                    for k in _OTLP_ATTRS if r.get(k) not in (None, "")]})
+    return json.dumps({"resourceLogs": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+                                         "scopeLogs": [{"scope": {"name": "mlnb.audit"}, "logRecords": recs}]}]}).encode()
+
+# %% ../nbs/01a_audit_forward.ipynb #ea396d7e
 class HttpForwarder:
     "Forward audit lines to `url` as NDJSON POSTs from a background thread, through a bounded disk spool."
     def __init__(self, url: str, spool_dir: Path | str, batch: int = 200, timeout: float = 2.0,
                  spool_bytes: int = 50_000_000, max_backoff: float = 30.0, flush_seconds: float = 0.2,
-                 headers: dict | None = None):
+                 headers: dict | None = None, format: str = "ndjson"):
         if urlparse(url).scheme not in ("http", "https"):
             raise ValueError(f"audit_forward_url must be an http(s) URL, got {url!r}")
         self.url, self.batch, self.timeout, self.max_backoff, self.flush_seconds = url, batch, timeout, max_backoff, flush_seconds
-        self.headers = {"Content-Type": "application/x-ndjson", **(headers or {})}
+        if format not in ("ndjson", "otlp"): raise ValueError(f"audit_forward_format must be ndjson or otlp, got {format!r}")
+        self.format = format
+        self.headers = {"Content-Type": "application/x-ndjson" if format == "ndjson" else "application/json", **(headers or {})}
         self.spool = Spool(spool_dir, spool_bytes)
         self.q: queue.Queue = queue.Queue(maxsize=10_000)
         self.stats = dict(submitted=0, sent=0, failures=0, rejected=0)
@@ -66,7 +88,7 @@ class HttpForwarder:
         try: self.q.put_nowait(line)
         except queue.Full: self.spool.put([line])
 
-# %% ../nbs/01a_audit_forward.ipynb #ab857e72
+# %% ../nbs/01a_audit_forward.ipynb #87b30d70
 @patch
 def _take(self: HttpForwarder, wait: float) -> list[bytes]:
     "Up to `batch` lines: block up to `wait` s for the first, then take what is already queued."
@@ -87,7 +109,7 @@ def _post(self: HttpForwarder, body: bytes, key: str) -> int:
     except urllib.error.HTTPError as e: return e.code
     except (OSError, ValueError): return 0
 
-# %% ../nbs/01a_audit_forward.ipynb #2170b064
+# %% ../nbs/01a_audit_forward.ipynb #dbef5c45
 @patch
 def _send_file(self: HttpForwarder, path: Path) -> bool | None:
     "Post one spool file under its lock: True sent (file deleted), False failed, None taken by another process."
@@ -100,7 +122,7 @@ def _send_file(self: HttpForwarder, path: Path) -> bool | None:
             if os.stat(path).st_ino != os.fstat(fd).st_ino: return None   # sent and deleted by another process
         except FileNotFoundError: return None
         body = path.read_bytes()
-        status = self._post(body, path.stem)
+        status = self._post(body if self.format == "ndjson" else otlp_logs_body(body.splitlines()), path.stem)
         if 200 <= status < 300:
             path.unlink(); self.stats["sent"] += body.count(b"\n"); return True
         if 400 <= status < 500 and status not in (408, 429):  # the collector refuses this batch: keep it aside
@@ -123,7 +145,7 @@ def _drain(self: HttpForwarder) -> None:
             return
     self._backoff = 0.0
 
-# %% ../nbs/01a_audit_forward.ipynb #ea396d7e
+# %% ../nbs/01a_audit_forward.ipynb #a127983e
 @patch
 def _run(self: HttpForwarder) -> None:
     while True:
@@ -160,7 +182,7 @@ def close(self: HttpForwarder, timeout: float = 2.0) -> None:
         except queue.Empty: break
     if rest: self.spool.put(rest)
 
-# %% ../nbs/01a_audit_forward.ipynb #6fdc7f09
+# %% ../nbs/01a_audit_forward.ipynb #b7172188
 def _syslog_address(spec: str):
     "`udp://host:port`, `tcp://host:port` or a local socket path -> (`SysLogHandler` address, socket type)."
     u = urlparse(spec)
@@ -195,7 +217,7 @@ class SyslogForwarder:
     def close(self, timeout: float = 2.0) -> None:
         self.flush(timeout); self.listener.stop(); self.handler.close()
 
-# %% ../nbs/01a_audit_forward.ipynb #b7172188
+# %% ../nbs/01a_audit_forward.ipynb #69e5ce6f
 _FORWARDERS: dict = {}
 _LOCK = threading.Lock()
 
@@ -211,7 +233,8 @@ def forwarders(settings) -> list:
             try:
                 if url: out.append(HttpForwarder(url, Path(settings.home)/"audit"/"spool", batch=settings.audit_forward_batch,
                                                  timeout=settings.audit_forward_timeout,
-                                                 spool_bytes=settings.audit_forward_spool_bytes))
+                                                 spool_bytes=settings.audit_forward_spool_bytes,
+                                                 format=getattr(settings, "audit_forward_format", "ndjson")))
                 if syslog: out.append(SyslogForwarder(syslog))
             except (ValueError, OSError) as e:   # misconfigured: say so once; the local log is still written
                 print(f"mlnb audit: forwarding disabled: {e}", file=sys.stderr)

@@ -64,6 +64,7 @@ class Settings:
     audit_forward_timeout: float = 2.0           # seconds per HTTP attempt
     audit_forward_spool_bytes: int = 50_000_000  # on-disk spool bound while the collector is down
     audit_forward_exit_seconds: float = 2.0      # at exit, wait at most this long to flush forwarders
+    audit_forward_format: str = "ndjson"         # HTTP body: ndjson, or otlp (OTLP/HTTP JSON logs, e.g. :4318/v1/logs)
 
     # derived locations ---------------------------------------------------------------------------------------
     @property

@@ -10,10 +10,10 @@ from mlnb.audit_forward import close_forwarders, forwarders
 
 class Collector:
     "An HTTP audit collector: deduplicates by (audit_id, phase), as the forwarder's contract asks of it."
-    def __init__(self, port: int = 0, hold: threading.Event | None = None):
+    def __init__(self, port: int = 0, hold: threading.Event | None = None, otlp: bool = False):
         self.records, self.raw_lines, self.posts, self.in_flight = {}, 0, 0, 0
         self.entered, self.hold, self.lock = threading.Event(), hold, threading.Lock()
-        self.port = port
+        self.port, self.otlp = port, otlp
         self.start()
 
     def start(self):
@@ -26,7 +26,7 @@ class Collector:
                 if me.hold is not None: me.hold.wait(60)
                 with me.lock:
                     me.posts += 1; me.in_flight -= 1
-                    for line in body.splitlines():
+                    for line in (_otlp_lines(body) if me.otlp else body.splitlines()):
                         r = json.loads(line); me.raw_lines += 1
                         me.records.setdefault((r["audit_id"], r["phase"]), line)
                 self.send_response(204); self.end_headers()
@@ -40,6 +40,14 @@ class Collector:
 
     @property
     def url(self): return f"http://127.0.0.1:{self.port}/audit"
+
+
+def _otlp_lines(body: bytes) -> list[bytes]:
+    "The audit lines inside an OTLP/HTTP JSON logs request (parsed with the OpenTelemetry protobuf definitions)."
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    req = json_format.Parse(body, ExportLogsServiceRequest())
+    return [lr.body.string_value.encode() for rl in req.resource_logs for sl in rl.scope_logs for lr in sl.log_records]
 
 
 def local_lines(settings) -> dict:
@@ -58,9 +66,10 @@ def _no_leftover_forwarders():
     close_forwarders(1.0)
 
 
-def test_collector_stopped_and_restarted_mid_stream_loses_and_duplicates_nothing(scratch_settings):
-    col = Collector()
-    s = scratch_settings.replace(audit_forward_url=col.url, audit_forward_batch=20)
+@pytest.mark.parametrize("fmt", ["ndjson", "otlp"])
+def test_collector_stopped_and_restarted_mid_stream_loses_and_duplicates_nothing(scratch_settings, fmt):
+    col = Collector(otlp=fmt == "otlp")
+    s = scratch_settings.replace(audit_forward_url=col.url, audit_forward_batch=20, audit_forward_format=fmt)
     (fw,) = forwarders(s)
     for i in range(300):
         if i == 100: col.stop()                                    # the collector goes away ...
