@@ -293,16 +293,22 @@ def test_verify_across_rotated_files(scratch_settings):
 
 
 # --- concurrency -----------------------------------------------------------------------------------------------
-N_PROCS, N_OPS = 4, 1000          # 4 processes x 1000 operations x 2 records = 8000 lines
+N_PROCS, N_THREADS, N_OPS = 4, 2, 500   # 4 processes x 2 threads x 500 operations x 2 records = 8000 lines
 
 
 def _writer(args):
+    "One process: N_THREADS threads (like a server's) auditing N_OPS operations each."
+    import threading
     home, i = args
     from mlnb.core import load_settings
     s = load_settings(ROOT/"settings.ini", env={}, home=home, audit_rotate_bytes=400_000)
-    for j in range(N_OPS):
-        with audited("load_test", s, model_name="m", model_version=f"{i}.{j}") as rec:
-            rec.metrics["j"] = j
+    def run(t):
+        for j in range(N_OPS):
+            with audited("load_test", s, model_name="m", model_version=f"{i}-{t}.{j}") as rec:
+                rec.metrics["j"] = j
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(N_THREADS)]
+    for t in threads: t.start()
+    for t in threads: t.join()
 
 
 def test_concurrent_writers_never_interleave_and_the_chain_verifies(tmp_path):
@@ -311,11 +317,12 @@ def test_concurrent_writers_never_interleave_and_the_chain_verifies(tmp_path):
         pool.map(_writer, [(str(home), i) for i in range(N_PROCS)])
     s = make_settings(tmp_path)
     recs = valid_lines(s)                                     # every line is whole JSON and a valid record
-    assert len(recs) == N_PROCS * N_OPS * 2
+    assert len(recs) == N_PROCS * N_THREADS * N_OPS * 2
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
     assert len(AuditLog(s).segments()) >= 2                    # sealed while the writers were running
     per_writer = {}
     for r in recs: per_writer.setdefault(r["model_version"].split(".")[0], []).append(int(r["model_version"].split(".")[1]))
+    assert len(per_writer) == N_PROCS * N_THREADS
     assert all(v == sorted(v) and len(v) == 2 * N_OPS for v in per_writer.values())
     res = verify(s)
     assert res.ok and res.records == len(recs), res.first_problem
