@@ -196,6 +196,9 @@ def test_loop_resumes_after_kill_9_in_training_shadow_and_canary(project, tmp_pa
     audits = read_audit(s, operation="retrain_transition", phase="end")
     assert [a["details"]["to_state"] for a in audits] == ["training", "gating", "shadow", "canary", "canary", "promoted"]
     assert all(a["outcome"] == "success" for a in audits)
+    assert {a["correlation_id"] for a in audits} == {f"retrain-{loop.id}"}            # one correlation per loop...
+    runs = read_audit(s, operation="pipeline_run", phase="end", correlation_id=f"retrain-{loop.id}")
+    assert {r["details"]["pipeline"] for r in runs} == {"train", "evaluate"}            # ... its pipeline runs included
     served = store.served_history(s.model_name)
     assert [h["routing"] and h["routing"].get("strategy") for h in served] == ["shadow", "canary", "canary", None, None]
     assert served[1]["routing"]["percent"] == 50 and served[2]["routing"]["percent"] == 100

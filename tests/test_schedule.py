@@ -142,6 +142,9 @@ def test_retries_with_backoff_and_failed_cell(project, tmp_path, monkeypatch, ca
     counter = tmp_path/"ticks.txt"
     row = run_job(_job("flaky", counter, params={"fail_until": 1}, retries=2, retry_backoff_seconds=0.2), project)
     assert (row["status"], row["attempts"], len(row["run_ids"])) == ("success", 2, 2)
+    from mlnb.audit import read_audit
+    tries = read_audit(project, operation="pipeline_run", phase="end", correlation_id=f"schedule-flaky-{row['id']}")
+    assert [r["outcome"] for r in tries] == ["failure", "success"]                     # both attempts, one audit thread
     row2 = run_job(_job("broken", counter, params={"fail_until": 99}, retries=0), project)
     assert (row2["status"], row2["attempts"], len(row2["run_ids"])) == ("failure", 1, 1)
     assert "tick 3 fails on purpose" in row2["error"]
