@@ -17,8 +17,8 @@ from .timeline import Timeline, ROW_SCHEMA
 
 # %% auto #0
 __all__ = ['DEFAULT_TOML', 'parse_duration', 'AlertRule', 'AlertConfig', 'parse_rules', 'load_rules', 'evaluate',
-           'webhook_payload', 'Notifier', 'write_prometheus', 'monitor_report', 'monitoring_home', 'load_incidents',
-           'timeline_for_model', 'run_monitor', 'monitor_cli']
+           'webhook_payload', 'Notifier', 'write_prometheus', 'timeline_figure', 'monitor_report', 'monitoring_home',
+           'load_incidents', 'timeline_for_model', 'run_monitor', 'monitor_cli']
 
 # %% ../nbs/52_alerts.ipynb #a9b0d1ca
 _COND = re.compile(r"^\s*(value|status)\s*(==|!=|>=|<=|>|<|in|not in)\s*(.+?)\s*$")
@@ -299,7 +299,7 @@ _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
 
 def _rgba(hexc: str, a: float) -> str: return f"rgba({int(hexc[1:3], 16)},{int(hexc[3:5], 16)},{int(hexc[5:7], 16)},{a})"
 
-def _figure(rows: pl.DataFrame, title: str, max_columns: int = 10):
+def timeline_figure(rows: pl.DataFrame, title: str, max_columns: int = 10):
     import plotly.graph_objects as go
     fig = go.Figure()
     rank = rows.group_by("column").agg(bad=(pl.col("status") == "alert").sum(), top=pl.col("value").max()) \
@@ -330,7 +330,7 @@ def monitor_report(frame: pl.DataFrame, incidents: dict, path: Path | str, title
         rows = rows if metric == "*" else rows.filter(pl.col("metric") == metric)
         for met in (rows["metric"].unique(maintain_order=True).to_list() if metric == "*" else [metric]):
             r = rows.filter(pl.col("metric") == met)
-            if r.height: figs.append(_figure(r, label if metric != "*" else f"{label}: {met}").to_html(full_html=False, include_plotlyjs=False))
+            if r.height: figs.append(timeline_figure(r, label if metric != "*" else f"{label}: {met}").to_html(full_html=False, include_plotlyjs=False))
     inc = sorted(incidents.values(), key=lambda i: (i["status"] != "firing", -(i["started_at"] or 0)))
     inc_rows = "".join(f"<tr class='{i['status']}'><td>{html.escape(i['status'])}</td><td>{html.escape(i['rule'])}</td>"
                        f"<td>{html.escape(i['severity'])}</td><td>{html.escape(i['metric'])}</td>"

@@ -48,9 +48,21 @@ def metric_row(group: str, metric: str, column: str = "", value=None, lower=None
                 reason=reason, detail=detail, n=n)
 
 # %% ../nbs/51_timeline.ipynb #0ca5b686
-def _fs(root: str, storage_options: dict | None):
+def _polars_options(so: dict | None) -> dict | None:
+    "The options polars' object store reader takes (everything but the `fsspec` entry)."
+    return {k: v for k, v in so.items() if k != "fsspec"} or None if so else None
+
+def _fs(root: str, so: dict | None):
+    """An fsspec filesystem for `root`. `so` holds polars' object-store options (`aws_endpoint_url`,
+    `aws_access_key_id`, ...); for S3 they are translated for s3fs, other stores take `so["fsspec"]`."""
     import fsspec
-    return fsspec.core.url_to_fs(str(root), **(storage_options or {}))
+    so = so or {}
+    kw = dict(so.get("fsspec") or {})
+    if str(root).startswith(("s3://", "s3a://")) and not kw:
+        kw = {k: v for k, v in dict(key=so.get("aws_access_key_id"), secret=so.get("aws_secret_access_key"),
+                                    endpoint_url=so.get("aws_endpoint_url")).items() if v}
+        if so.get("aws_region"): kw["client_kwargs"] = {"region_name": so["aws_region"]}
+    return fsspec.core.url_to_fs(str(root), **kw)
 
 def log_days(root: str | Path, storage_options: dict | None = None) -> dict[date, list[str]]:
     "The part files of the prediction log at `root` (a folder or an fsspec URL), by UTC day, days in order."
@@ -74,12 +86,11 @@ OPTIONAL_COLUMNS = {"status_code": pl.Int64, "error": pl.String, "rejected_field
 def scan_log(files: Sequence[str], columns: dict[str, pl.DataType], model_name: str | None = None,
              storage_options: dict | None = None) -> tuple[pl.LazyFrame, set[str]]:
     "A lazy scan of `files` with `columns` (missing ones inserted as nulls), filtered to `model_name`; and the columns no file has."
+    so = _polars_options(storage_options)
     present: set[str] = set()
-    for f in files:
-        present |= set(pl.read_parquet_schema(f, storage_options=storage_options) if storage_options
-                       else pl.read_parquet_schema(f))
+    for f in files: present |= set(pl.scan_parquet(f, storage_options=so).collect_schema())   # footers only
     lf = pl.scan_parquet(list(files), schema=columns, missing_columns="insert", extra_columns="ignore",
-                         storage_options=storage_options)
+                         storage_options=so)
     if model_name is not None and "model_name" in present: lf = lf.filter(pl.col("model_name") == model_name)
     return lf, set(columns) - present
 
