@@ -48,8 +48,14 @@ check-export: setup
 nbtest: setup
 	$(BIN)/nbdev-test --n-workers 2 --timing
 
-pytest: setup
+pytest: setup .refs/evidently/.installed
 	$(BIN)/pytest tests -q
+
+# Evidently 0.7 in its own virtualenv (it pins pandas < 3): tests and `mlnb bench monitor` compare against it.
+.refs/evidently/.installed:
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	uv venv -q --allow-existing .refs/evidently && uv pip install -q --python .refs/evidently/bin/python "evidently==0.7.23" "pandas<3"
+	@touch $@
 
 # Developer conveniences
 export: setup
