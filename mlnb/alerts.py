@@ -75,6 +75,10 @@ webhook_retries = 3             # attempts after the first, with backoff
 # name = "ops"
 # url = "http://127.0.0.1:9000/alerts"
 
+# Fixed thresholds replace the bands learned from the reference (keys: group.metric or group.metric.column).
+[thresholds]
+"latency.p99_ms" = { upper = 250.0 }
+
 [[rules]]
 name = "feature_drift"
 metric = "drift.drift"
@@ -114,6 +118,7 @@ class AlertConfig:
     webhook_timeout: float = 5.0
     webhook_retries: int = 3
     source: str = "defaults"
+    thresholds: dict = field(default_factory=dict)   # group.metric[.column] -> {lower, upper}: fixed bands
 
 def parse_rules(text: str, source: str = "monitoring.toml") -> AlertConfig:
     "An `AlertConfig` from TOML text; `ValueError` naming the file and the problem."
@@ -136,11 +141,15 @@ def parse_rules(text: str, source: str = "monitoring.toml") -> AlertConfig:
         rules.append(AlertRule(r.get("name", f"rule{i + 1}"), r["metric"], r.get("condition", "status == 'alert'"),
                                r.get("column", "*"), int(r.get("for", 1)), r.get("severity", "warning"), ch,
                                r.get("summary", "")))
+    th = d.get("thresholds", {})
+    for k, v in th.items():
+        if k.count(".") < 1 or not isinstance(v, dict) or set(v) - {"lower", "upper"}:
+            raise ValueError(f"{source}: [thresholds] {k!r} must be \"group.metric\" = {{ lower = .., upper = .. }}")
     names = [r.name for r in rules]
     if len(set(names)) != len(names): raise ValueError(f"{source}: rule names must be unique: {names}")
     return AlertConfig(tuple(rules), hooks, parse_duration(a.get("repeat_interval", "4h")),
                        tuple(a.get("group_by", ("rule", "model_name"))), float(a.get("webhook_timeout", 5.0)),
-                       int(a.get("webhook_retries", 3)), source)
+                       int(a.get("webhook_retries", 3)), source, th)
 
 def load_rules(settings: Settings, path: str | Path | None = None) -> AlertConfig:
     "The alert rules of the project: `path`, else `settings.monitor_rules` next to settings.ini, else the defaults."
@@ -379,10 +388,10 @@ def run_monitor(settings: Settings | None = None, model_name: str | None = None,
     settings = settings or load_settings()
     name = timeline.model_name if timeline is not None else (model_name or settings.model_name)
     with audited("monitor_run", settings, model_name=name) as rec:
-        tl = timeline or timeline_for_model(settings, name, ref, **kw)
+        cfg = rules if isinstance(rules, AlertConfig) else load_rules(settings, rules)
+        tl = timeline or timeline_for_model(settings, name, ref, thresholds=cfg.thresholds, **kw)
         upd = tl.update(full=full)
         frame = tl.frame()
-        cfg = rules if isinstance(rules, AlertConfig) else load_rules(settings, rules)
         due, state = evaluate(frame, cfg, load_incidents(settings, name), now)
         nt = Notifier(settings, cfg)
         for n in due: nt.send(n)

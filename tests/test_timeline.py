@@ -345,3 +345,40 @@ def test_monitor_pipeline_runs_with_papermill_on_a_trained_home(trained_home):
                        text=True, env=trained_home.env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip()
+
+
+def test_realized_performance_follows_late_labels_and_matches_a_fresh_recomputation(tmp_path, model):
+    "Labels arrive in three late batches: each run updates the recent chunks' realized AUC; the last run equals a "
+    "timeline computed from scratch; CBPE's estimate is there before any label."
+    from mlnb.performance import CBPE
+    ref, spec, booster = model
+    s = Settings(home=tmp_path/"home")
+    rng = np.random.default_rng(9)
+    for i in range(4): write_day(s, spec, booster, days(i), frame(rng, 800))
+    log = pl.read_parquet(sorted(s.predictions_dir.glob("date=*/part-*.parquet")))
+    truth = log.select("request_id", label=(pl.Series(rng.random(log.height)) < pl.col("prediction")).cast(pl.Float64))
+    y_ref = (rng.random(ref.height) < ref["prediction"].to_numpy()).astype(float)
+    cbpe = CBPE().fit(ref["prediction"], y_ref)
+    batches = [truth.sample(fraction=f, seed=k) for k, f in enumerate((0.2, 0.5, 1.0))]
+    current = {"labels": truth.head(0)}
+    tl = Timeline(s, "m", ref, spec=spec, labels=lambda: current["labels"], estimator=cbpe)
+    get = lambda t: t.frame().filter(pl.col("group") == "performance").sort("chunk", "metric", "column")
+    tl.update()
+    first = get(tl)
+    est = first.filter(pl.col("metric") == "auc", pl.col("column") == "estimated")
+    assert est.height == 4 and est["value"].is_not_null().all()                      # estimated before any label
+    assert first.filter(pl.col("metric") == "labeled_fraction")["value"].to_list() == [0.0] * 4
+    seen = []
+    for b in batches:
+        current["labels"] = b
+        tl.update()
+        fr = get(tl)
+        seen.append(fr.filter(pl.col("metric") == "labeled_fraction")["value"].to_list())
+    assert [round(sum(x) / 4, 1) for x in seen] == [0.2, 0.5, 1.0]
+    fresh = Timeline(Settings(home=tmp_path/"fresh"), "m", ref, spec=spec, labels=truth, estimator=cbpe,
+                     log=str(s.predictions_dir))
+    fresh.update()
+    cols = ["chunk", "metric", "column", "value", "lower", "upper", "status"]
+    assert get(tl).select(cols).equals(get(fresh).select(cols))
+    auc = get(tl).filter(pl.col("metric") == "auc").pivot("column", index="chunk", values="value")
+    assert (auc["realized"] - auc["estimated"]).abs().max() < 0.08
