@@ -241,7 +241,8 @@ def cmd_demo(args, settings: Settings) -> int:
 DELEGATED = {"models": ("mlnb.registry", "models_cli", "list, show, promote, rollback and model cards"),
              "tune": ("mlnb.tune", "main", "Optuna hyperparameter search (parallel workers)"),
              "predict": ("mlnb.serve", "predict_cli", "batch scoring of a CSV/Parquet file"),
-             "features": ("mlnb.features", "features_cli", "feature views, materialization, online store")}
+             "features": ("mlnb.features", "features_cli", "feature views, materialization, online store"),
+             "feedback": ("mlnb.performance", "feedback_cli", "import late labels (CSV/Parquet) for logged predictions")}
 
 def _delegate(module: str, func: str, argv: list[str], command: str) -> int:
     import importlib
