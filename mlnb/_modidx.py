@@ -334,6 +334,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlnb.performance._needs_calibration': ('performance.html#_needs_calibration', 'mlnb/performance.py'),
                                   'mlnb.performance._prediction_keys': ('performance.html#_prediction_keys', 'mlnb/performance.py'),
                                   'mlnb.performance._read_label_file': ('performance.html#_read_label_file', 'mlnb/performance.py'),
+                                  'mlnb.performance._reference_spread': ('performance.html#_reference_spread', 'mlnb/performance.py'),
                                   'mlnb.performance._scores': ('performance.html#_scores', 'mlnb/performance.py'),
                                   'mlnb.performance.feedback_cli': ('performance.html#feedback_cli', 'mlnb/performance.py'),
                                   'mlnb.performance.import_labels': ('performance.html#import_labels', 'mlnb/performance.py'),
