@@ -340,6 +340,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlnb.performance.import_labels': ('performance.html#import_labels', 'mlnb/performance.py'),
                                   'mlnb.performance.join_labels': ('performance.html#join_labels', 'mlnb/performance.py'),
                                   'mlnb.performance.labeled_predictions': ('performance.html#labeled_predictions', 'mlnb/performance.py'),
+                                  'mlnb.performance.nannyml_cbpe': ('performance.html#nannyml_cbpe', 'mlnb/performance.py'),
                                   'mlnb.performance.realized_metrics': ('performance.html#realized_metrics', 'mlnb/performance.py')},
             'mlnb.pipeline': { 'mlnb.pipeline.PipelineError': ('pipeline.html#pipelineerror', 'mlnb/pipeline.py'),
                                'mlnb.pipeline.PipelineError.__init__': ('pipeline.html#pipelineerror.__init__', 'mlnb/pipeline.py'),

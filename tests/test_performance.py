@@ -2,7 +2,7 @@
 
 Real parts: a project home with a real prediction log (PredictionLog part files) and the real serving store
 (SQLite), `mlnb feedback import` as a real process, NannyML 0.13.1 as a real process in its own venv
-(`make .refs/nannyml/.installed`), the flights data and the train helpers for the flights check."""
+(`make .refs/nannyml/.installed`, run by `mlnb.performance.nannyml_cbpe`), the flights data and the train helpers for the flights check."""
 from __future__ import annotations
 import json, os, subprocess, sys
 from datetime import datetime, timedelta, timezone
@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 from conftest import ROOT, make_settings
 from mlnb.evaluate import metric_values
-from mlnb.performance import (CBPE, DLE, import_labels, join_labels, labeled_predictions, realized_metrics,
-                              feedback_cli)
+from mlnb.performance import (CBPE, DLE, feedback_cli, import_labels, labeled_predictions, nannyml_cbpe,
+                              realized_metrics)
 from mlnb.predlog import PredictionLog, read_predictions
 from mlnb.routing import ServingStore, read_feedback, state_path
 from mlnb.validate import FeatureDef, FeatureSpec
@@ -240,24 +240,18 @@ def test_calibration_auto_leaves_calibrated_scores_alone():
     np.testing.assert_array_equal(cb.calibrate(s), s)
 
 
-def run_nannyml(tmp_path: Path, reference, chunks, threshold: float = 0.5) -> dict:
+def run_nannyml(reference, chunks) -> dict:
     if not (NANNYML/".installed").exists():
         pytest.skip("NannyML reference venv missing: run `make .refs/nannyml/.installed`")
-    np.savez(tmp_path/"in.npz", reference_scores=reference[0], reference_labels=reference[1],
-             analysis_scores=np.concatenate(chunks), threshold=threshold, reference_chunks=10,
-             analysis_chunk=np.concatenate([np.full(len(c), i) for i, c in enumerate(chunks)]))
-    out = subprocess.run([str(NANNYML/"bin/python"), str(ROOT/"tests/nannyml_cbpe.py"), str(tmp_path/"in.npz")],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "NML_DISABLE_USAGE_LOGGING": "1"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(res["chunks"]) == len(chunks)
+    res = nannyml_cbpe(NANNYML/"bin/python", reference[0], reference[1], chunks)
+    assert res["nannyml"] == "0.13.1" and len(res["chunks"]) == len(chunks)
     return res
 
 
 def test_cbpe_agrees_with_nannyml(tmp_path):
     reference = synth(20_000, seed=1)
     chunks = [s for s, _ in analysis_chunks(12)]
-    nml = run_nannyml(tmp_path, reference, chunks)
+    nml = run_nannyml(reference, chunks)
     cb = CBPE().fit(*reference)
     assert cb.calibrated_ == nml["needs_calibration"] is True
     diffs, ratios = [], []
@@ -307,7 +301,7 @@ def test_flights_cbpe_months_7_to_12(tmp_path):
     cb = CBPE().fit(score(ref), ref[TARGET].to_numpy())
     months = [frame.filter(pl.col("month") == m) for m in range(7, 13)]
     scores = [score(f) for f in months]
-    nml = run_nannyml(tmp_path, (score(ref), ref[TARGET].to_numpy()), scores) if (NANNYML/".installed").exists() else None
+    nml = run_nannyml((score(ref), ref[TARGET].to_numpy()), scores) if (NANNYML/".installed").exists() else None
     rows = []
     for m, f, s in zip(range(7, 13), months, scores):
         e = cb.estimate(s)["roc_auc"]
