@@ -6,7 +6,6 @@ Real parts: a project home with a real prediction log (PredictionLog part files)
 from __future__ import annotations
 import json, os, subprocess, sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
@@ -14,7 +13,7 @@ from conftest import ROOT, make_settings
 from mlnb.evaluate import metric_values
 from mlnb.performance import (CBPE, DLE, feedback_cli, import_labels, labeled_predictions, nannyml_cbpe,
                               realized_metrics)
-from mlnb.predlog import PredictionLog, read_predictions
+from mlnb.predlog import PredictionLog
 from mlnb.routing import ServingStore, read_feedback, state_path
 from mlnb.validate import FeatureDef, FeatureSpec
 
