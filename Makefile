@@ -29,7 +29,13 @@ demo: setup
 	$(BIN)/mlnb demo
 
 # The README's test command. Order: notebooks clean, package in sync, inline notebook tests, pytest.
-test: setup system-deps check-clean check-export nbtest pytest
+test: setup system-deps .refs/nannyml/.installed check-clean check-export nbtest pytest
+
+# NannyML 0.13.1 in its own venv: tests/test_performance.py cross-checks mlnb's CBPE against it (subprocess).
+.refs/nannyml/.installed: | $(VENV)/.installed
+	uv venv -q --allow-existing --python $(BIN)/python .refs/nannyml
+	NML_DISABLE_USAGE_LOGGING=1 uv pip install -q --python .refs/nannyml/bin/python nannyml==0.13.1 statsmodels
+	@touch $@
 
 # $(call unchanged,FIND-ARGS,COMMAND,MESSAGE): fail when COMMAND changes any file that `find FIND-ARGS` lists.
 define unchanged

@@ -257,6 +257,7 @@ DELEGATED = {"models": ("mlnb.registry", "models_cli", "list, show, promote, rol
              "tune": ("mlnb.tune", "main", "Optuna hyperparameter search (parallel workers)"),
              "predict": ("mlnb.serve", "predict_cli", "batch scoring of a CSV/Parquet file"),
              "features": ("mlnb.features", "features_cli", "feature views, materialization, online store"),
+             "feedback": ("mlnb.performance", "feedback_cli", "import late labels (CSV/Parquet) for logged predictions"),
              "monitor": ("mlnb.alerts", "monitor_cli", "monitoring timeline, alert rules and report: run, alerts")}
 
 def _delegate(module: str, func: str, argv: list[str], command: str) -> int:
