@@ -18,7 +18,7 @@ from .timeline import Timeline, ROW_SCHEMA
 # %% auto #0
 __all__ = ['DEFAULT_TOML', 'parse_duration', 'AlertRule', 'AlertConfig', 'parse_rules', 'load_rules', 'evaluate',
            'webhook_payload', 'Notifier', 'write_prometheus', 'timeline_figure', 'monitor_report', 'monitoring_home',
-           'load_incidents', 'timeline_for_model', 'run_monitor', 'monitor_cli']
+           'load_incidents', 'reference_estimator', 'timeline_for_model', 'run_monitor', 'monitor_cli']
 
 # %% ../nbs/52_alerts.ipynb #a9b0d1ca
 _COND = re.compile(r"^\s*(value|status)\s*(==|!=|>=|<=|>|<|in|not in)\s*(.+?)\s*$")
@@ -374,12 +374,33 @@ def load_incidents(settings: Settings, model_name: str) -> dict:
     p = monitoring_home(settings, model_name)/"alerts.json"
     return json.loads(p.read_text()) if p.exists() else {}
 
+def reference_estimator(spec, reference: pl.DataFrame):
+    """A CBPE (binary) or DLE (regression) fitted on `reference` (features, target, `prediction`), or the reason
+    there is none (no target in the reference, too few rows or classes)."""
+    from mlnb.performance import CBPE, DLE
+    if not spec.target or spec.target not in reference.columns or "prediction" not in reference.columns:
+        return None, "the reference sample has no target: no performance estimate"
+    ref = reference.filter(pl.col(spec.target).is_not_null())
+    try:
+        y = ref[spec.target].cast(pl.Float64)
+        if spec.task == "regression": return DLE().fit(ref.select(spec.names), y, ref["prediction"]), None
+        return CBPE().fit(ref["prediction"], y), None
+    except (ValueError, pl.exceptions.PolarsError) as e:
+        return None, f"no performance estimate: {e}"
+
 def timeline_for_model(settings: Settings, model_name: str | None = None, ref: str = "champion", **kw) -> Timeline:
-    "The `Timeline` of registered model `model_name` (default `settings.model_name`) with version `ref`'s reference."
+    """The `Timeline` of registered model `model_name` (default `settings.model_name`): version `ref`'s reference
+    sample scored by its booster, its contract and booster (explanation drift), the labels from the serving store
+    (`/feedback`, `mlnb feedback import`) and a CBPE/DLE fitted on the reference sample (a training sample: the
+    estimate is as good as the model's calibration on it)."""
     from mlnb.registry import load_model          # MLflow is heavy: imported only when a registered model is used
     from mlnb.monitor import reference_frame
+    from mlnb.routing import read_feedback
     bundle = load_model(settings, ref, name=model_name or settings.model_name)
-    return Timeline(settings, bundle.name, reference_frame(bundle), spec=bundle.spec, booster=bundle.booster, **kw)
+    reference = reference_frame(bundle)
+    est, _ = reference_estimator(bundle.spec, reference)
+    return Timeline(settings, bundle.name, reference, spec=bundle.spec, booster=bundle.booster,
+                    labels=lambda: read_feedback(settings), estimator=est, task=bundle.spec.task, **kw)
 
 def run_monitor(settings: Settings | None = None, model_name: str | None = None, ref: str = "champion",
                 timeline: Timeline | None = None, rules: AlertConfig | str | Path | None = None, full: bool = False,

@@ -98,31 +98,14 @@ def bench_cbpe(rows: int = 1_000_000, n_ref: int = 100_000) -> tuple[float | Non
     t0 = time.perf_counter(); est = CBPE().fit(s_ref, y_ref).estimate(s)
     return time.perf_counter() - t0, est
 
-_NANNYML = r"""
-import json, sys, time, numpy as np, pandas as pd, nannyml as nml
-d = np.load(sys.argv[1]); n_chunks = 1
-ref = pd.DataFrame({"y_pred_proba": d["s_ref"], "y_pred": (d["s_ref"] >= 0.5).astype(int), "y_true": d["y_ref"]})
-ana = pd.DataFrame({"y_pred_proba": d["s"], "y_pred": (d["s"] >= 0.5).astype(int)})
-t0 = time.perf_counter()
-est = nml.CBPE(y_pred_proba="y_pred_proba", y_pred="y_pred", y_true="y_true", problem_type="classification_binary",
-               metrics=["roc_auc", "accuracy", "precision", "recall", "f1"], chunk_number=n_chunks)
-est.fit(ref); r = est.estimate(ana).to_df()
-sec = time.perf_counter() - t0
-out = {m: float(r[(m, "value")].iloc[-1]) for m in ["roc_auc", "accuracy", "precision", "recall", "f1"]}
-print(json.dumps({"seconds": sec, "estimates": out}))
-"""
-
 def bench_nannyml(root: Path, rows: int = 1_000_000, n_ref: int = 100_000) -> dict | None:
     "NannyML's CBPE on the same data in `.refs/nannyml` (its own virtualenv); None when that venv is missing."
     py = root/".refs"/"nannyml"/"bin"/"python"
     if not py.exists(): return None
+    from mlnb.performance import nannyml_cbpe
     s_ref, y_ref, s = _cbpe_data(n_ref, rows)
-    with tempfile.TemporaryDirectory() as d:
-        np.savez(Path(d)/"cbpe.npz", s_ref=s_ref, y_ref=y_ref, s=s)
-        p = subprocess.run([str(py), "-c", _NANNYML, str(Path(d)/"cbpe.npz")], capture_output=True, text=True,
-                           timeout=1800, env={**os.environ, "NML_DISABLE_USAGE_LOGGING": "1"})
-    if p.returncode: raise RuntimeError(f"nannyml failed: {p.stderr[-2000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    out = nannyml_cbpe(py, s_ref, y_ref, [s])
+    return {"seconds": out["seconds"], "estimates": {m: v["value"] for m, v in out["chunks"][0].items()}}
 
 # %% ../nbs/64_bench_monitor.ipynb #6c0b24b8
 _EVIDENTLY = r"""
@@ -191,9 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if nm is not None:
         out["nannyml_cbpe_1m_seconds"] = round(nm["seconds"], 3)
         if c_est is not None:
-            names = {"roc_auc": "auc", "accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "f1"}
-            out["cbpe_max_abs_diff_vs_nannyml"] = round(max(abs(c_est[ours]["value"] - nm["estimates"][theirs])
-                                                             for theirs, ours in names.items() if ours in c_est), 4)
+            out["cbpe_max_abs_diff_vs_nannyml"] = round(max(abs(c_est[m]["value"] - v) for m, v in nm["estimates"].items()
+                                                             if m in c_est and c_est[m]["value"] is not None), 4)
     print(json.dumps({k: e.get("evidently_error") for k in ["evidently_error"] if e.get("evidently_error")}
                      | {"first_full_update_seconds": round(t["first_seconds"], 1), "chunks": t["chunks"],
                         "evidently_max_abs_statistic_diff": e.get("max_abs_diff_vs_evidently")}), file=sys.stderr)

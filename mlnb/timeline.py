@@ -13,12 +13,13 @@ import numpy as np
 import polars as pl
 from .core import Settings, load_settings, ensure_dir, write_json, atomic_write_bytes
 from .monitor import compare_column, DriftThresholds
+from .performance import CBPE, DLE, join_labels, realized_metrics
 from .validate import FeatureSpec
 
 # %% auto #0
 __all__ = ['ROW_SCHEMA', 'STATUSES', 'BASE_COLUMNS', 'OPTIONAL_COLUMNS', 'PERIODS', 'metric_row', 'log_days', 'scan_log',
-           'chunk_start', 'chunk_end', 'chunk_key', 'ReferenceProfile', 'reference_profile', 'chunk_metrics',
-           'Timeline', 'flagged']
+           'chunk_start', 'chunk_end', 'chunk_key', 'ReferenceProfile', 'reference_profile', 'performance_rows',
+           'chunk_metrics', 'Timeline', 'flagged']
 
 # %% ../nbs/51_timeline.ipynb #f0f6073b
 ROW_SCHEMA: dict[str, pl.DataType] = {
@@ -294,6 +295,48 @@ def _explain_rows(df, prof: ReferenceProfile, missing: set, booster, spec, expla
     return [metric_row("explain", "mean_abs_shap", c, v, *prof.band("explain", "mean_abs_shap", c),
                        detail=f"reference {prof.shap[c]:.4g}", n=s.height) for c, v in zip(spec.names, m)]
 
+# %% ../nbs/51_timeline.ipynb #f3f89533
+_EST_NAMES = {"roc_auc": "auc"}
+
+def performance_rows(df: pl.DataFrame, labels: pl.DataFrame | None, estimator=None, task: str = "binary",
+                     n_bootstrap: int = 200, seed: int = 0, spec: FeatureSpec | None = None) -> list[dict]:
+    "Realized (labels joined on `request_id`) and estimated (CBPE/DLE `estimator`) performance of one chunk."
+    rows = []
+    pred = df["prediction"].cast(pl.Float64)
+    if labels is None or labels.height == 0:
+        rows.append(metric_row("performance", "labeled_fraction", "", 0.0 if labels is not None else None,
+                               reason=None if labels is not None else "no label source", n=df.height))
+        rows.append(metric_row("performance", "auc" if task == "binary" else "rmse", "realized",
+                               reason="no labels have arrived" if labels is not None else "no label source"))
+    else:
+        j = join_labels(df.select("request_id", "prediction"), labels)
+        real = realized_metrics(j["label"], j["prediction"], task, n_bootstrap, seed)
+        frac = next(iter(real.values()))["labeled_fraction"]
+        rows.append(metric_row("performance", "labeled_fraction", "", frac, n=df.height,
+                               reason=None if frac is not None else "empty chunk"))
+        band = getattr(estimator, "thresholds_", {}) if task == "binary" else {}
+        for m, r in real.items():
+            lo, hi = band.get("roc_auc", (None, None)) if m == "auc" else (None, None)
+            ci = (f"95% CI [{r['ci_low']:.4g}, {r['ci_high']:.4g}]; " if r.get("ci_low") is not None else "")
+            rows.append(metric_row("performance", m, "realized", r["value"], lo, hi, reason=r["reason"],
+                                   detail=f"{ci}{r['n']} labeled rows", n=r["n"]))
+    if estimator is None:
+        rows.append(metric_row("performance", "auc" if task == "binary" else "rmse", "estimated",
+                               reason="no estimator: CBPE/DLE needs a labeled reference window (the reference has no target)"))
+        return rows
+    ok = pred.is_not_null() & pred.is_finite()
+    try:
+        est = estimator.estimate(pred.filter(ok)) if task == "binary" else \
+            estimator.estimate(df.filter(ok).select(spec.names), pred.filter(ok))
+    except ValueError as e:
+        return rows + [metric_row("performance", "auc" if task == "binary" else "rmse", "estimated", reason=str(e))]
+    for m, e in est.items():
+        lo, hi = getattr(estimator, "thresholds_", {}).get(m, (None, None))
+        se = e.get("sampling_error")
+        rows.append(metric_row("performance", _EST_NAMES.get(m, m), "estimated", e["value"], lo, hi, reason=e.get("reason"),
+                               detail=f"sampling error {se:.3g}" if se is not None else None, n=e.get("n")))
+    return rows
+
 # %% ../nbs/51_timeline.ipynb #2bad52ef
 def _fixed(row: dict, thresholds: dict) -> dict:
     t = thresholds.get(f"{row['group']}.{row['metric']}.{row['column']}") or thresholds.get(f"{row['group']}.{row['metric']}")
@@ -345,7 +388,11 @@ class Timeline:
     storage_options: dict | None = None
     thresholds: dict = field(default_factory=dict)
     explain_rows: int = 2000
-    extra: Callable[[pl.DataFrame], list[dict]] | None = None   # more values per chunk (e.g. performance)
+    extra: Callable[[pl.DataFrame], list[dict]] | None = None   # more values per chunk
+    labels: pl.DataFrame | Callable[[], pl.DataFrame] | None = None   # request_id, label (e.g. read_feedback)
+    estimator: object = None                # a fitted CBPE (binary) or DLE (regression)
+    task: str = "binary"
+    label_horizon_days: float = 30.0        # performance is recomputed for chunks this recent (late labels)
     seed: int = 0
 
     def __post_init__(self):
@@ -367,7 +414,7 @@ class Timeline:
         return dict(model_name=self.model_name, period=self.period, chunk_rows=self.chunk_rows,
                     kinds=self.profile.kinds, reference=_frame_sha(self.reference), thresholds=self.thresholds,
                     drift=self.th.__dict__, explain=self.booster is not None, explain_rows=self.explain_rows,
-                    extra=getattr(self.extra, "__name__", None) if self.extra else None, version=1)
+                    extra=getattr(self.extra, "__name__", None) if self.extra else None, version=2)
 
     def columns(self) -> dict[str, pl.DataType]:
         "The log columns a chunk needs."
@@ -415,7 +462,8 @@ def _update(self: Timeline, full: bool = False) -> dict:
     cfg, state = self.config(), self._state()
     recomputed = full or (bool(state) and state.get("config") != cfg)
     if recomputed or not state:
-        for p in (self.dir/"chunks").glob("*.parquet") if (self.dir/"chunks").exists() else []: p.unlink()
+        for sub in ("chunks", "perf"):
+            for p in (self.dir/sub).glob("*.parquet") if (self.dir/sub).exists() else []: p.unlink()
         state = {"config": cfg, "done_until": None, "next_index": 0}
     days = log_days(self.log, self.storage_options)
     done = datetime.fromisoformat(state["done_until"]) if state.get("done_until") else None
@@ -438,6 +486,7 @@ def _update(self: Timeline, full: bool = False) -> dict:
                 final = end <= newest or batch[-1] != todo[-1]
                 key = chunk_key(start)
                 self._write_chunk(key, start, end, final, g.drop("_start"), missing)
+                state.setdefault("chunks", {})[key] = [start.isoformat(), end.isoformat()]
                 (res["new_chunks"] if final else res["provisional"]).append(key)
                 if final and (done is None or end > done): state["done_until"] = end.isoformat()
         else:
@@ -447,6 +496,7 @@ def _update(self: Timeline, full: bool = False) -> dict:
                 g, df = df.head(n), df.slice(n)
                 key = f"rows-{state['next_index']:06d}"
                 self._write_chunk(key, g["ts"].min(), g["ts"].max(), True, g, missing)
+                state.setdefault("chunks", {})[key] = [g["ts"].min().isoformat(), g["ts"].max().isoformat()]
                 res["new_chunks"].append(key)
                 state["next_index"] += 1
                 state["done_until"] = g["ts"].max().isoformat()
@@ -454,18 +504,48 @@ def _update(self: Timeline, full: bool = False) -> dict:
     if self.period is None and carry is not None and carry.height:
         key = f"rows-{state['next_index']:06d}"
         self._write_chunk(key, carry["ts"].min(), carry["ts"].max(), False, carry, missing)
+        state.setdefault("chunks", {})[key] = [carry["ts"].min().isoformat(), carry["ts"].max().isoformat()]
         res["provisional"].append(key)
     if self.period is not None and todo and not res["new_chunks"] and not res["provisional"] and res["message"] is None:
         res["message"] = f"no rows of model {self.model_name!r} in the new log days"
+    res["performance_chunks"] = self._performance(state, days) if (self.labels is not None or self.estimator is not None) else []
     write_json(self.dir/"state.json", state)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
 Timeline.update = _update
 
+# %% ../nbs/51_timeline.ipynb #317703b7
+def _performance(self: Timeline, state: dict, days: dict) -> list[str]:
+    "Recompute the performance rows of the chunks of the last `label_horizon_days` (labels arrive late)."
+    idx_ = {k: (datetime.fromisoformat(a), datetime.fromisoformat(b)) for k, (a, b) in state.get("chunks", {}).items()}
+    if not idx_: return []
+    newest = max(b for _, b in idx_.values())
+    keep = {k: v for k, v in idx_.items() if v[1] >= newest - timedelta(days=self.label_horizon_days)}
+    lo, hi = min(a for a, _ in keep.values()), max(b for _, b in keep.values())
+    files = [f for d, fs in days.items() if lo.date() <= d <= hi.date() for f in fs]
+    cols = {"request_id": pl.String, "ts": pl.Datetime("us", "UTC"), "model_name": pl.String, "prediction": pl.Float64}
+    if self.task == "regression" and self.spec is not None: cols.update(self.columns())
+    lf, _ = scan_log(files, cols, self.model_name, self.storage_options)
+    df = lf.filter(pl.col("ts") >= lo, pl.col("ts") <= hi).collect()
+    labels = self.labels() if callable(self.labels) else self.labels
+    d = ensure_dir(self.dir/"perf")
+    for key, (a, b) in keep.items():
+        g = df.filter(pl.col("ts") >= a, (pl.col("ts") <= b) if self.period is None else (pl.col("ts") < b))
+        rows = performance_rows(g, labels, self.estimator, self.task, seed=self.seed, spec=self.spec)
+        if g.height < self.th.min_rows:
+            rows = [r if r["status"] == "n/a" else {**r, "status": "insufficient data",
+                                                    "reason": f"{g.height} rows in this chunk; at least {self.th.min_rows} are needed"} for r in rows]
+        rows = [_fixed(r, self.thresholds) for r in rows]
+        out = pl.DataFrame([{**r, "model_name": self.model_name, "chunk": key, "start": a, "end": b, "final": True}
+                            for r in rows], schema=ROW_SCHEMA, orient="row")
+        out.write_parquet(d/f".{key}.tmp"); (d/f".{key}.tmp").replace(d/f"{key}.parquet")
+    return sorted(keep)
+Timeline._performance = _performance
+
 # %% ../nbs/51_timeline.ipynb #60ef722a
 def _frame(self: Timeline) -> pl.DataFrame:
     "Every stored row, chunks in time order (empty frame with `ROW_SCHEMA` when none)."
-    files = sorted((self.dir/"chunks").glob("*.parquet")) if (self.dir/"chunks").exists() else []
+    files = [p for sub in ("chunks", "perf") if (self.dir/sub).exists() for p in sorted((self.dir/sub).glob("*.parquet"))]
     if not files: return pl.DataFrame(schema=ROW_SCHEMA)
     return pl.read_parquet(files).sort("start", "group", "metric", "column", maintain_order=True)
 Timeline.frame = _frame
