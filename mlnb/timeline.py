@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 from .core import Settings, load_settings, ensure_dir, write_json, atomic_write_bytes
 from .monitor import compare_column, DriftThresholds
-from .performance import CBPE, DLE, join_labels, realized_metrics
+from .performance import join_labels, realized_metrics
 from .validate import FeatureSpec
 
 # %% auto #0
