@@ -508,21 +508,22 @@ def _update(self: Timeline, full: bool = False) -> dict:
         res["provisional"].append(key)
     if self.period is not None and todo and not res["new_chunks"] and not res["provisional"] and res["message"] is None:
         res["message"] = f"no rows of model {self.model_name!r} in the new log days"
-    res["performance_chunks"] = self._performance(state, days) if (self.labels is not None or self.estimator is not None) else []
+    res["performance_chunks"] = self._performance(state, days, res["new_chunks"] + res["provisional"]) if (self.labels is not None or self.estimator is not None) else []
     write_json(self.dir/"state.json", state)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
 Timeline.update = _update
 
 # %% ../nbs/51_timeline.ipynb #317703b7
-def _performance(self: Timeline, state: dict, days: dict) -> list[str]:
-    "Recompute the performance rows of the chunks of the last `label_horizon_days` (labels arrive late)."
+def _performance(self: Timeline, state: dict, days: dict, fresh: Sequence[str] = ()) -> list[str]:
+    "Compute the performance rows of the chunks `fresh` and recompute those of the last `label_horizon_days`."
     idx_ = {k: (datetime.fromisoformat(a), datetime.fromisoformat(b)) for k, (a, b) in state.get("chunks", {}).items()}
     if not idx_: return []
     newest = max(b for _, b in idx_.values())
-    keep = {k: v for k, v in idx_.items() if v[1] >= newest - timedelta(days=self.label_horizon_days)}
+    keep = {k: v for k, v in idx_.items() if k in fresh or v[1] >= newest - timedelta(days=self.label_horizon_days)}
     lo, hi = min(a for a, _ in keep.values()), max(b for _, b in keep.values())
-    files = [f for d, fs in days.items() if lo.date() <= d <= hi.date() for f in fs]
+    spans = list(keep.values())
+    files = [f for d, fs in days.items() if any(a.date() <= d <= b.date() for a, b in spans) for f in fs]
     cols = {"request_id": pl.String, "ts": pl.Datetime("us", "UTC"), "model_name": pl.String, "prediction": pl.Float64}
     if self.task == "regression" and self.spec is not None: cols.update(self.columns())
     lf, _ = scan_log(files, cols, self.model_name, self.storage_options)

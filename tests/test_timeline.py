@@ -383,5 +383,7 @@ def test_realized_performance_follows_late_labels_and_matches_a_fresh_recomputat
     fresh.update()
     cols = ["chunk", "metric", "column", "value", "lower", "upper", "status"]
     assert get(tl).select(cols).equals(get(fresh).select(cols))
+    short = Timeline(s, "m", ref, spec=spec, labels=truth, estimator=cbpe, label_horizon_days=1.5).update()
+    assert short["performance_chunks"] == ["2026-01-03T000000Z", "2026-01-04T000000Z"]   # only the label horizon
     auc = get(tl).filter(pl.col("metric") == "auc").pivot("column", index="chunk", values="value")
     assert (auc["realized"] - auc["estimated"]).abs().max() < 0.08
