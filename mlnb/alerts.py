@@ -395,7 +395,7 @@ def timeline_for_model(settings: Settings, model_name: str | None = None, ref: s
     estimate is as good as the model's calibration on it)."""
     from mlnb.registry import load_model          # MLflow is heavy: imported only when a registered model is used
     from mlnb.monitor import reference_frame
-    from mlnb.routing import read_feedback
+    from mlnb.feedback import read_feedback
     bundle = load_model(settings, ref, name=model_name or settings.model_name)
     reference = reference_frame(bundle)
     est, _ = reference_estimator(bundle.spec, reference)

@@ -12,7 +12,7 @@ import polars as pl
 from .core import Settings, load_settings
 from .monitor import drift_report
 from .timeline import Timeline
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 
 # %% auto #0
 __all__ = ['synthetic', 'bench_drift', 'write_log', 'bench_timeline', 'bench_cbpe', 'bench_nannyml', 'bench_evidently', 'main']

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 from .core import Settings, load_settings, ensure_dir, write_json, atomic_write_bytes
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 
 # %% auto #0
 __all__ = ['Status', 'psi', 'psi_categorical', 'TwoSampleResult', 'ks_test', 'wasserstein_test', 'chi2_test', 'choose_test',
@@ -518,7 +518,7 @@ def reference_frame(bundle) -> pl.DataFrame:
 def drift_from_predictions(settings: Settings, reference, spec: FeatureSpec | None = None, since=None, until=None,
                            model_version: str | None = None, model_name: str | None = None, **kwargs) -> DriftReport:
     "Drift of model `model_name`'s logged predictions (since `since`) against `reference` (a frame or a model bundle)."
-    from mlnb.predlog import read_predictions    # the prediction log sits in the serving layer, above this module
+    from mlnb.predlog import read_predictions    # looked up at call time, so the notebook example below can swap the reader
     ctx = dict(source="prediction log", since=None if since is None else str(since),
                until=None if until is None else str(until))
     if not isinstance(reference, pl.DataFrame):                   # a ModelBundle

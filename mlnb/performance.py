@@ -15,9 +15,9 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import StratifiedKFold
 from .core import Settings, load_settings
 from .data import load_table
-from .evaluate import METRICS, metric_values, bootstrap_weights
+from .metrics import METRICS, metric_values, bootstrap_weights
 from .predlog import part_files, read_predictions
-from .routing import ServingStore, state_path, read_feedback
+from .feedback import ServingStore, state_path, read_feedback
 
 # %% auto #0
 __all__ = ['REALIZED_METRICS', 'MIN_ROWS', 'CBPE_METRICS', 'DLE_METRICS', 'realized_metrics', 'join_labels',

@@ -14,7 +14,7 @@ import polars as pl
 from .core import Settings, load_settings, ensure_dir, write_json, atomic_write_bytes
 from .monitor import compare_column, DriftThresholds
 from .performance import join_labels, realized_metrics
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 
 # %% auto #0
 __all__ = ['ROW_SCHEMA', 'STATUSES', 'BASE_COLUMNS', 'OPTIONAL_COLUMNS', 'PERIODS', 'metric_row', 'log_days', 'scan_log',
@@ -120,7 +120,7 @@ def _kind(dt: pl.DataType) -> str | None:
 
 def _shap_abs_mean(booster, spec: FeatureSpec, frame: pl.DataFrame) -> np.ndarray:
     "Mean |SHAP| per feature of `frame` (XGBoost's exact TreeSHAP, `pred_contribs`); shape `(n_features,)`."
-    from mlnb.evaluate import shap_values      # SHAP lives in the evaluation layer; xgboost is imported lazily there
+    from mlnb.explain import shap_values       # SHAP lives in the evaluation layer; it imports xgboost (slow), so lazily
     phi = shap_values(booster, spec.encode_frame(frame), spec.names, spec.feature_types)
     return np.abs(phi[:, :-1]).mean(0).astype(np.float64)
 

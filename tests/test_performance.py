@@ -10,12 +10,12 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import ROOT, make_settings
-from mlnb.evaluate import metric_values
+from mlnb.metrics import metric_values
 from mlnb.performance import (CBPE, DLE, feedback_cli, import_labels, labeled_predictions, nannyml_cbpe,
                               realized_metrics)
 from mlnb.predlog import PredictionLog
-from mlnb.routing import ServingStore, read_feedback, state_path
-from mlnb.validate import FeatureDef, FeatureSpec
+from mlnb.feedback import ServingStore, read_feedback, state_path
+from mlnb.schema import FeatureDef, FeatureSpec
 
 NANNYML = ROOT/".refs/nannyml"
 SPEC = FeatureSpec((FeatureDef("x", "num"),))
@@ -289,7 +289,7 @@ def test_dle_tracks_realized_regression_error():
 # the flights check: trained on months 1-4, calibrated on 5-6, estimated on 7-12 vs realized, and NannyML beside it
 
 def test_flights_cbpe_months_7_to_12(tmp_path):
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
     from mlnb.train import train_booster
     settings = make_settings(tmp_path)
     frame = build_training_set(settings, months=(1, 12))

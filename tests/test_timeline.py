@@ -19,7 +19,7 @@ from mlnb.alerts import parse_rules, run_monitor, load_incidents
 from mlnb.core import Settings
 from mlnb.predlog import PredictionLog
 from mlnb.timeline import Timeline, flagged
-from mlnb.validate import FeatureSpec
+from mlnb.schema import FeatureSpec
 
 DAY0 = date(2026, 1, 1)
 FEATURES = ["x", "q", "c"]
@@ -320,7 +320,7 @@ def test_mlnb_drift_compares_any_two_files(tmp_path):
 
 def test_monitor_pipeline_runs_with_papermill_on_a_trained_home(trained_home):
     "`mlnb run monitor` (real papermill) on a home with a champion and a logged week of real flights."
-    from mlnb.features import build_training_set
+    from mlnb.examples.flights import build_training_set
     from mlnb.pipeline import run_pipeline
     s, bundle = trained_home.settings, trained_home.bundle
     flights = build_training_set(s, months=(7, 7)).sort("sched_dep_ts")
