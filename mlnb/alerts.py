@@ -428,7 +428,7 @@ def run_monitor(settings: Settings | None = None, model_name: str | None = None,
                    open_alerts=sorted(i["rule"] for i in state.values() if i["status"] == "firing"),
                    latest_alerts=latest.filter(pl.col("status") == "alert").select("group", "metric", "column").rows(),
                    webhooks=delivery, report=str(report), prometheus=str(prom), timeline=str(tl.dir))
-        rec.resources += [str(report), str(prom)]
+        rec.resources.extend([str(report), str(prom)])
         rec.details.update({k: out[k] for k in ("new_chunks", "provisional", "open_alerts", "webhooks")})
         rec.metrics.update(rows_scanned=upd["rows_scanned"], chunks=out["chunks"], notifications=len(due))
     return out
