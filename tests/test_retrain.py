@@ -14,7 +14,7 @@ from conftest import ROOT, make_settings
 def test_policy_bad_values_get_clear_errors(tmp_path):
     from mlnb.policy import RetrainPolicy, PolicyError, load_policy
     base = {"triggers": {"schedule": {"every_days": 7}}}
-    cases = [({**base, "triggers": {"weather": {}}}, "triggers.weather: unknown trigger; known triggers: drift, realized_decay"),
+    cases = [({**base, "triggers": {"weather": {}}}, "triggers.weather: unknown trigger; known triggers: alert, drift, realized_decay"),
              ({**base, "rollout": {"canary": {"steps": [5, 25, 25, 100]}}}, "rollout.canary.steps: must be strictly increasing"),
              ({**base, "rollout": {"canary": {"steps": [50, 5, 100]}}}, "rollout.canary.steps: must be strictly increasing"),
              ({**base, "rollout": {"canary": {"guards": [{"metric": "accuracy", "max": 1}]}}},
@@ -245,7 +245,7 @@ def test_bad_candidate_forced_past_gate_is_rolled_back_by_canary(project, tmp_pa
 
 
 def test_scheduled_retrain_check_starts_a_loop(project, tmp_path):
-    "The daily `retrain-check` job as the scheduler runs it (the retrain pipeline, action=check) fires on new labels."
+    "The hourly monitor job raises an alert; the daily `retrain-check` job (the retrain pipeline, action=check) fires on it and on new labels."
     from mlnb.schedule import JobSpec, run_job
     from mlnb.retrain import RetrainLoop
     from mlnb.policy import load_policy
@@ -255,8 +255,13 @@ def test_scheduled_retrain_check_starts_a_loop(project, tmp_path):
     try:
         while traffic.sent < 400: time.sleep(0.2)
     finally: traffic.stop(); srv.stop()              # SIGTERM flushes the prediction log
+    rules = tmp_path/"monitoring.toml"
+    rules.write_text('[[rules]]\nname = "slow"\nmetric = "latency.p99_ms"\ncondition = "value > 0"\n')
+    mon = run_job(JobSpec("monitor", "monitor", "0 * * * *", params={"rules": str(rules), "period": "hour"}, retries=0), s)
+    assert mon["status"] == "success", mon                   # the real monitor pipeline: timeline + alert rules
     policy = tmp_path/"retrain.toml"
-    policy.write_text("cooldown_hours = 0\nmax_retrains_per_day = 10\n[triggers.new_labels]\nmin_rows = 100\n"
+    policy.write_text("cooldown_hours = 0\nmax_retrains_per_day = 10\n[triggers.alert]\nrules = [\"slow\"]\n"
+                      "[triggers.new_labels]\nmin_rows = 100\n"
                       "[triggers.realized_decay]\nmargin = 0.5\nmin_labeled = 100\n[triggers.estimated_decay]\nmargin = 0.5\nmin_requests = 100\n"
                       "[triggers.schedule]\nevery_days = 30\n")
     rl = RetrainLoop(s, load_policy(s, policy))
@@ -264,12 +269,13 @@ def test_scheduled_retrain_check_starts_a_loop(project, tmp_path):
     rd = ev["triggers"]["realized_decay"]
     assert rd["labeled"] >= 100 and rd["ci_low"] < rd["auc"] < rd["ci_high"] and not rd["fired"]
     assert 0.5 < ev["triggers"]["estimated_decay"]["estimated_auc"] < 1 and not ev["triggers"]["schedule"]["fired"]
-    assert ev["fired"] == ["new_labels"] and ev["triggers"]["new_labels"]["labeled_since_last"] >= 100
+    assert ev["fired"] == ["alert", "new_labels"] and ev["triggers"]["new_labels"]["labeled_since_last"] >= 100
+    assert ev["triggers"]["alert"]["firing"] == ["slow"]
     row = run_job(JobSpec("retrain-check", "retrain", "30 6 * * *", params={"action": "check", "policy_path": str(policy)},
                           retries=0), s)
     assert row["status"] == "success", row
     m = json.loads((s.reports_dir/"retrain"/row["run_ids"][0]/"metrics.json").read_text())
-    assert m["fired"] == ["new_labels"] and m["started"] and m["state"] == "triggered"
+    assert m["fired"] == ["alert", "new_labels"] and m["started"] and m["state"] == "triggered"
     assert rl.check_triggers()["suppressed"] == "a retrain loop is already active"
     assert rl.command("abort", "test cleanup").state == "aborted"
 
