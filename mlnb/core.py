@@ -52,6 +52,7 @@ class Settings:
     max_null_fraction: float = 0.10        # basic data checks: more missing than this in a column stops a run
     online_store: str = ""                 # empty: sqlite:///<home>/features/online.db; or redis://host:port/db
     offline_store: str = ""                # empty: <home>/features/offline; or an fsspec URL, e.g. s3://bucket/features
+    predictions_store: str = ""            # empty: <home>/predictions; or an fsspec URL, e.g. s3://bucket/predictions
     dask_scheduler: str = ""               # empty: train in process; "local": a LocalCluster; or tcp://host:8786
 
     # derived locations ---------------------------------------------------------------------------------------
