@@ -74,15 +74,13 @@ def start_replicas(n: int, env: dict, tmp: Path) -> list[Replica]:
     return reps
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def build_home(tmp: Path):
     "A project home with v1 (champion) and v2 (challenger): small real boosters on a real sample of the demo data."
     import mlflow, xgboost as xgb
     from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
     from mlnb.registry import mlflow_setup, register_model, set_challenger
     from mlnb.train import make_dmatrix
     from mlnb.validate import FeatureSpec
-    tmp = tmp_path_factory.mktemp("scale-serving")
     s = make_settings(tmp, admin_token=TOKEN)
     frame = build_training_set(s, months=(1, 2), sample=0.02)
     spec = FeatureSpec.infer(frame, FEATURES, target=TARGET, categorical=CATEGORICAL, nullable=NULLABLE)
@@ -96,6 +94,10 @@ def home(tmp_path_factory):
     set_challenger(s, "2", reason="scale test")
     records = [{n: v for n, v in r.items() if n in spec.names} for r in frame.head(200).to_dicts()]
     return type("Home", (), {"settings": s, "spec": spec, "records": records, "tmp": tmp})
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory): return build_home(tmp_path_factory.mktemp("scale-serving"))
 
 
 def replica_env(s, **extra) -> dict:
