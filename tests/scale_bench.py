@@ -1,6 +1,6 @@
 """Measured figures for the README's "How it scales" table (not a test: run by hand, prints one JSON line each).
 
-    .venv/bin/python tests/scale_bench.py tune    # trials/min, 3 `mlnb tune worker` processes: PostgreSQL vs journal file
+    .venv/bin/python tests/scale_bench.py tune [SAMPLE]   # trials/min, 3 `mlnb tune worker` processes: PostgreSQL vs journal file
     .venv/bin/python tests/scale_bench.py serve   # req/s through haproxy, 2 replicas vs 1 (wrk), promote-to-served
 
 Uses the same throwaway servers as the tests (tests/pg.py, docs/haproxy.cfg); the PostgreSQL cluster here keeps
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def bench_tune(n_trials: int = 15) -> dict:
+def bench_tune(n_trials: int = 15, sample: float = 0.05) -> dict:
     import optuna
     from optuna.trial import TrialState
     from conftest import make_settings
@@ -24,12 +24,12 @@ def bench_tune(n_trials: int = 15) -> dict:
     from mlnb.validate import FeatureSpec
     tmp = Path(tempfile.mkdtemp(prefix="mlnb-bench-tune-"))
     s = make_settings(tmp)
-    train, valid, _ = time_split(build_training_set(s, months=(1, 4), sample=0.05))
+    train, valid, _ = time_split(build_training_set(s, months=(1, 4), sample=sample))
     spec = FeatureSpec.infer(train, FEATURES, target=TARGET, categorical=CATEGORICAL, nullable=NULLABLE)
-    cluster = PgCluster(fsync=True)
+    cluster = PgCluster(fsync=os.environ.get("PG_FSYNC", "on") != "off")   # PG_FSYNC=off: the tests' setting
     out = {"workers": 3, "n_trials": n_trials, "num_boost_round": 100, "rows": train.height}
     try:
-        for name, storage in (("journal", f"journal:{tmp/'journal.log'}"), ("postgresql", cluster.createdb())):
+        for name, storage in (("postgresql", cluster.createdb()), ("journal", f"journal:{tmp/'journal.log'}")):
             r = tune(spec, train, valid, s, n_trials=n_trials, workers=3, storage=storage, study_name=f"bench-{name}",
                      pruner="none", num_boost_round=100, early_stopping_rounds=20, nthread=1, track=False, quiet=True)
             study = optuna.load_study(study_name=f"bench-{name}", storage=open_storage(storage))
@@ -108,4 +108,4 @@ def bench_serve() -> dict:
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "tune"
-    print(json.dumps(bench_tune() if what == "tune" else bench_serve()))
+    print(json.dumps(bench_tune(sample=float(sys.argv[2]) if len(sys.argv) > 2 else 0.05) if what == "tune" else bench_serve()))
