@@ -61,7 +61,8 @@ def test_workers_on_postgresql_survive_kill_9(pg, tmp_path):
     assert study.trials[victim.number].state == TrialState.RUNNING             # orphaned, until the study continues
     assert 6 <= len(study.get_trials(states=FINISHED)) <= 6 + 3, [t.state for t in study.trials]
     first_pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
-    assert len(first_pids) == 4 and os.getpid() not in first_pids              # 3 workers + the replacement
+    # three separate worker processes ran trials (the replacement too, unless the survivors met the budget first)
+    assert len(first_pids - {replacement.pid}) == 3 and os.getpid() not in first_pids
 
     pattern = r"\] trial (\d+) (?:complete|pruned|fail)"
     first_logs = [f.read_text() for f in study_dir.glob("worker-*.log")]   # the next run writes worker-0..2.log again
