@@ -11,7 +11,8 @@ import httpx
 import polars as pl
 import pytest
 
-from conftest import ROOT, make_settings
+from conftest import ROOT, ServerProcess, make_settings
+from mlnb.prometheus import metric_value
 
 TOKEN = "rollout-token"
 
@@ -23,32 +24,32 @@ def clean(row: dict, spec) -> dict:
 
 
 def client_for(s):
-    from mlnb.registry import _client
-    return _client(s)
+    from mlnb.registry import ModelRegistry
+    return ModelRegistry(s).client
 
 
 def aliases(s) -> dict:
-    from mlnb.registry import aliases as registry_aliases
-    return registry_aliases(s)
+    from mlnb.registry import ModelRegistry
+    return ModelRegistry(s).aliases()
 
 
 def promote(s) -> None:
     "challenger -> champion (old champion -> previous); forced: these tests have no release gate."
-    from mlnb.registry import promote as registry_promote
-    registry_promote(s, force=True, reason="rollout test")
+    from mlnb.registry import ModelRegistry
+    ModelRegistry(s).promote(force=True, reason="rollout test")
 
 
 def rollback(s) -> None:
     "previous -> champion."
-    from mlnb.registry import rollback as registry_rollback
-    registry_rollback(s, reason="rollout test")
+    from mlnb.registry import ModelRegistry
+    ModelRegistry(s).rollback(reason="rollout test")
 
 
 def set_alias(s, alias: str, version: str) -> None:
     "Move `alias` (the challenger through mlnb.registry.set_challenger, as the evaluate pipeline does)."
     if alias == "challenger":
-        from mlnb.registry import set_challenger
-        set_challenger(s, version, reason="rollout test"); return
+        from mlnb.registry import ModelRegistry
+        ModelRegistry(s).set_challenger(version, reason="rollout test"); return
     client_for(s).set_registered_model_alias(s.model_name, alias, str(version))
 
 
@@ -69,36 +70,14 @@ def build_two_version_home(tmp: Path, reference: pl.DataFrame, spec):
     return s
 
 
-class ServerProc:
-    "`mlnb serve` as a real process (optionally several uvicorn workers) on 127.0.0.1."
+class ServerProc(ServerProcess):
+    "`mlnb serve` (optionally several uvicorn workers) on the home of `settings`, polling fast, with admin helpers."
     def __init__(self, settings, port: int, log_path: Path, workers: int = 1, state: Path | None = None, **env):
-        self.settings, self.port, self.log_path = settings, port, Path(log_path)
-        self.url = f"http://127.0.0.1:{port}"
-        self.env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "MLNB_SERVE_WORKERS": str(workers),
-                    "MLNB_SERVE_POLL_SECONDS": "0.2", "MLNB_LOG_FLUSH_SECONDS": "0.2",
-                    **({"MLNB_SERVE_STATE": str(state)} if state else {}), **{k: str(v) for k, v in env.items()}}
-        self.proc = None
-
-    def start(self, timeout: float = 90, wait: bool = True) -> "ServerProc":
-        out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlnb.cli", "serve", "--port", str(self.port)],
-                                     env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        out.close()
-        return self.wait_ready(timeout) if wait else self
-
-    def wait_ready(self, timeout: float = 90) -> "ServerProc":
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log()}"
-            try:
-                r = httpx.get(self.url + "/health/ready", timeout=2)
-                if r.status_code == 200: return self
-            except httpx.TransportError: pass
-            assert time.monotonic() < deadline, f"server not ready after {timeout} s:\n{self.log()}"
-            time.sleep(0.1)
-
-    def log(self) -> str: return self.log_path.read_text(errors="replace")[-6000:]
+        self.settings = settings
+        super().__init__({**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "MLNB_SERVE_WORKERS": str(workers),
+                          "MLNB_SERVE_POLL_SECONDS": "0.2", "MLNB_LOG_FLUSH_SECONDS": "0.2",
+                          **({"MLNB_SERVE_STATE": str(state)} if state else {}), **{k: str(v) for k, v in env.items()}},
+                         port, log_path)
 
     def models(self) -> dict: return httpx.get(self.url + "/models", timeout=10).json()
 
@@ -111,21 +90,6 @@ class ServerProc:
         while any(a["engine"] != "compiled" for a in self.models()["arms"].values() if a["version"]):
             assert time.monotonic() < deadline, f"engine not compiled:\n{self.models()}\n{self.log()}"
             time.sleep(0.2)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc is None or self.proc.poll() is not None: return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try: self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait(10)
-            raise AssertionError(f"server did not stop within {timeout}s after {sig!r}:\n{self.log()}")
-        return self.proc.returncode
-
-    def kill_group(self) -> None:
-        if self.proc is not None:
-            try: os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError: pass
-            self.proc.wait(10)
 
 
 class Load:
@@ -186,19 +150,16 @@ def home(base, tmp_path_factory):
 
 
 def check_metrics_sum_over_workers(srv: ServerProc, records) -> None:
-    "/metrics answers for the whole server, whichever of the two workers takes the scrape."
+    "/metrics answers for the whole server (prometheus_client's multiprocess mode), whichever worker takes the scrape."
     with httpx.Client(base_url=srv.url, timeout=10) as c:
         for i in range(120): assert c.post("/predict", json=records[i]).status_code == 200
         assert c.post("/predict", json={"nope": 1}).status_code == 422
-        time.sleep(1.0)                        # every worker writes its snapshot each poll (0.2 s)
-        texts = [c.get("/metrics").text for _ in range(4)]
+        texts = [c.get("/metrics").text for _ in range(6)]
     for text in texts:
-        ok = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-                 if l.startswith('mlnb_requests_total{route="/predict",status="200"'))
-        assert ok == 120, text
-        assert 'mlnb_requests_total{route="/predict",status="422",model_version="",arm=""} 1' in text
-        assert 'mlnb_request_duration_seconds_count{model_version="1",arm="champion"} 120' in text
-        assert 'mlnb_ready 1' in text and "# TYPE mlnb_request_duration_seconds histogram" in text
+        assert metric_value(text, "mlnb_requests_total", route="/predict", status="200") == 120, text
+        assert metric_value(text, "mlnb_requests_total", route="/predict", status="422", model_version="", arm="") == 1
+        assert metric_value(text, "mlnb_request_duration_seconds_count", model_version="1", arm="champion") == 120
+        assert metric_value(text, "mlnb_ready") == 1 and "# TYPE mlnb_request_duration_seconds histogram" in text
 
 
 def test_ten_changes_under_load_drop_nothing(home, base, free_port, tmp_path):

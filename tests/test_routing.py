@@ -112,7 +112,7 @@ def test_bandit_state_is_shared_by_replicas(pair, records):
         late = {s.url: Counter(c.post(s.url + "/predict", json=records[0]).json()["arm"] for _ in range(100))
                 for s in (a, b)}
     for url, counts in late.items(): assert counts["challenger"] >= 80, (url, counts)
-    from mlnb.routing import ServingStore
+    from mlnb.feedback import ServingStore
     fb = ServingStore(a.env["MLNB_SERVE_STATE"]).feedback()
     assert fb.height == 151 and fb.filter(pl.col("applied") == 1).height == 150
 

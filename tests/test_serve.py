@@ -1,5 +1,5 @@
 """End-to-end tests of the model server: a real `mlnb serve` process on 127.0.0.1, a trained champion, httpx."""
-import json, math, os, signal, subprocess, sys, time
+import json, math, signal, subprocess, sys
 from pathlib import Path
 
 import httpx
@@ -17,55 +17,14 @@ def _clean(row: dict, spec) -> dict:
     return {n: (None if isinstance(v := row.get(n), float) and math.isnan(v) else v) for n in spec.names}
 
 
-class Server:
-    def __init__(self, proc, port, log_path):
-        self.proc, self.port, self.log_path = proc, port, log_path
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-
-    def log(self) -> str: return Path(self.log_path).read_text(errors="replace")[-5000:]
-
-    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try: self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill(); self.proc.wait(10)
-                raise AssertionError(f"server did not stop within {timeout}s after {sig!r}:\n{self.log()}")
-        return self.proc.returncode
-
-
 @pytest.fixture
-def server(trained_home, free_port, tmp_path):
-    "A real server process on `free_port`, ready to serve; stopped (SIGTERM) at the end if still running."
+def server(trained_home, serve_process, tmp_path):
+    "A real `mlnb serve` process, ready to serve; stopped (SIGTERM) at the end if still running."
     env = {**trained_home.env, "MLNB_MAX_BATCH": str(MAX_BATCH), "MLNB_MAX_BODY_BYTES": str(MAX_BODY),
            "MLNB_SERVE_STATE": str(tmp_path/"serving.db"), "MLNB_ADMIN_TOKEN": ADMIN_TOKEN,
            # flush only on shutdown, so the SIGTERM test proves close() writes everything
            "MLNB_LOG_FLUSH_SECONDS": "600", "MLNB_LOG_FLUSH_ROWS": "1000000"}
-    log_path = tmp_path/"server.log"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlnb.cli", "serve", "--port", str(free_port)],
-                                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(proc, free_port, log_path)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{srv.log()}"
-            try:
-                r = srv.client.get("/health/ready", timeout=2)
-                if r.status_code == 200: break
-                if r.status_code == 503 and "could not be loaded" in r.text:
-                    raise AssertionError(f"model failed to load: {r.text}\n{srv.log()}")
-            except httpx.TransportError: pass
-            assert time.monotonic() < deadline, f"server not ready after 90 s:\n{srv.log()}"
-            time.sleep(0.1)
-        yield srv
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try: proc.wait(20)
-            except subprocess.TimeoutExpired: proc.kill(); proc.wait(10)
+    return serve_process(env, log=tmp_path/"server.log").start(fail_on_load_error=True)
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +161,9 @@ def test_batch_scoring_cli(trained_home, bundle, tmp_path):
     src, out = tmp_path/"flights.csv", tmp_path/"scored.parquet"
     frame = bundle.reference.head(2500)
     frame.write_csv(src)
-    # mlnb.cli routes `mlnb predict ARGS` to predict_cli(ARGS); called directly here because the CLI's REMAINDER
-    # parser currently takes a leading `--input` for one of its own options (reported to the CLI's owner)
-    run = lambda *a: subprocess.run([sys.executable, "-c", "import sys; from mlnb.serve import predict_cli; "
-                                     "sys.exit(predict_cli(sys.argv[1:]))", *a], env=trained_home.env,
+    mlnb = Path(sys.executable).with_name("mlnb")                       # the console script users run
+    assert mlnb.exists(), f"{mlnb} is not installed"
+    run = lambda *a: subprocess.run([str(mlnb), "predict", *a], env=trained_home.env,
                                     cwd=ROOT, capture_output=True, text=True, timeout=120)
     p = run("--input", str(src), "--output", str(out), "--chunk-size", "1000")
     assert p.returncode == 0, p.stderr
