@@ -18,10 +18,10 @@ def bench_tune(n_trials: int = 15, sample: float = 0.05) -> dict:
     from optuna.trial import TrialState
     from conftest import make_settings
     from pg import PgCluster
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
     from mlnb.train import time_split
     from mlnb.tune import open_storage, tune
-    from mlnb.validate import FeatureSpec
+    from mlnb.schema import FeatureSpec
     tmp = Path(tempfile.mkdtemp(prefix="mlnb-bench-tune-"))
     s = make_settings(tmp)
     train, valid, _ = time_split(build_training_set(s, months=(1, 4), sample=sample))
@@ -85,17 +85,17 @@ def bench_serve() -> dict:
             out[f"rps_{n}_replica{'s' if n > 1 else ''}"] = round(_wrk(url, body), 0)
         out["rps_direct_1_replica"] = round(_wrk(reps[0].url, body), 0)
         # promote-to-served across replicas (alias moved in the registry, each replica polls every 0.2 s)
-        from mlnb.registry import promote, rollback, set_challenger
+        from mlnb.registry import ModelRegistry
         times = []
         for _ in range(5):
-            t0 = time.monotonic(); promote(s, force=True, reason="bench"); seen = {}
+            t0 = time.monotonic(); ModelRegistry(s).promote(force=True, reason="bench"); seen = {}
             while len(seen) < 2:
                 for r in reps:
                     if r.port not in seen and httpx.get(r.url + "/health/ready").json().get("model_version") == "2":
                         seen[r.port] = time.monotonic() - t0
                 time.sleep(0.005)
             times.append(max(seen.values()))
-            rollback(s, reason="bench"); set_challenger(s, "2", reason="bench")
+            ModelRegistry(s).rollback(reason="bench"); ModelRegistry(s).set_challenger("2", reason="bench")
             T.wait_until(lambda: all(httpx.get(r.url + "/health/ready").json().get("model_version") == "1" for r in reps))
         out["promote_to_served_all_replicas_ms"] = {"median": round(sorted(times)[2] * 1000), "max": round(max(times) * 1000),
                                                      "poll_seconds": 0.2}

@@ -43,9 +43,10 @@ def dask_cluster(tmp_path):
 
 def test_separate_scheduler_and_workers_train_from_parquet_like_a_local_cluster(dask_cluster, tmp_path):
     from mlnb.distributed import dask_client, train_booster_dask
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
-    from mlnb.train import time_split, binary_metrics
-    from mlnb.validate import FeatureSpec
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
+    from mlnb.metrics import binary_metrics
+    from mlnb.train import time_split
+    from mlnb.schema import FeatureSpec
     frame = build_training_set(make_settings(tmp_path), months=(1, 4), sample=0.05)
     train, valid, test = time_split(frame)
     spec = FeatureSpec.infer(train, FEATURES, target=TARGET, categorical=CATEGORICAL, nullable=NULLABLE)

@@ -26,7 +26,7 @@ def mlflow_on_pg(tmp_path_factory):
     log = open(tmp/"server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", db, "--artifacts-destination", str(tmp/"artifacts"),
-                             "--serve-artifacts", "--workers", "2"],
+                             "--serve-artifacts", "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -57,20 +57,22 @@ def _served_version(url: str, want: str, timeout: float = 60) -> float:
 
 
 def test_pipeline_gate_promote_rollback_and_serving_through_mlflow_on_postgresql(mlflow_on_pg, tmp_path):
-    from mlnb import evaluate as ev
+    from mlnb.explain import predict
+    from mlnb.gate import gate
+    from mlnb.metrics import compare
     from mlnb.pipeline import run_pipeline
-    from mlnb.registry import (aliases, load_model, mlflow_setup, promote, record_gate, register_model, rollback,
-                               set_challenger, GATE_TAG)
+    from mlnb.registry import ModelRegistry, load_model, mlflow_setup, register_model, GATE_TAG
     s = make_settings(tmp_path, tracking_uri=mlflow_on_pg.url, artifact_root="mlflow-artifacts:/mlnb",
                       serve_poll_seconds=0.2)
     try:
         # v1 by the real train pipeline (deliberately weak: 3 stumps), v2 (a better model) registered in process
         weak = run_pipeline("train", {"sample": 0.03, "num_boost_round": 3, "max_depth": 1, "nthread": 1,
                                       "checkpoint_every": 0}, s)
-        assert weak.metrics["model_version"] == 1 and aliases(s) == {"champion": "1"}
-        from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
+        reg = ModelRegistry(s)
+        assert weak.metrics["model_version"] == 1 and reg.aliases() == {"champion": "1"}
+        from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
         from mlnb.train import time_split, train_booster
-        from mlnb.validate import FeatureSpec
+        from mlnb.schema import FeatureSpec
         train, valid, _ = time_split(build_training_set(s, months=(1, 4), sample=0.05))
         spec = FeatureSpec.infer(train, FEATURES, target=TARGET, categorical=CATEGORICAL, nullable=NULLABLE)
         better = train_booster(spec, train, valid, num_boost_round=80, nthread=1, seed=0)
@@ -88,11 +90,11 @@ def test_pipeline_gate_promote_rollback_and_serving_through_mlflow_on_postgresql
         champ, cand = load_model(s, "1"), load_model(s, "2")
         test = build_training_set(s, months=(7, 7), sample=0.2)
         y = test["delayed"].cast(pl.Float64).to_numpy()
-        pa, pb = ev.predict(champ, test), ev.predict(cand, test)
-        g = ev.gate(ev.compare(y, pa, pb, ["auc", "logloss"], n_bootstrap=200), "auc", margin=0.002)
+        pa, pb = predict(champ, test), predict(cand, test)
+        g = gate(compare(y, pa, pb, ["auc", "logloss"], n_bootstrap=200), "auc", margin=0.002)
         assert g.passed, g.reasons
-        record_gate(s, "2", g, champion_version="1")
-        set_challenger(s, "2")
+        reg.record_gate("2", g, champion_version="1")
+        reg.set_challenger("2")
         assert mlflow.MlflowClient(mlflow_on_pg.url).get_model_version(s.model_name, "2").tags[GATE_TAG] == "passed"
 
         # a real server follows the champion alias stored in PostgreSQL
@@ -108,14 +110,14 @@ def test_pipeline_gate_promote_rollback_and_serving_through_mlflow_on_postgresql
                 assert srv.poll() is None and time.monotonic() < deadline, (tmp_path/"serve.log").read_text()[-3000:]
                 time.sleep(0.2)
             assert str(_ready(url)["model_version"]) == "1"
-            p = promote(s, reason="scale test")
+            p = reg.promote(reason="scale test")
             assert p.changed and p.after == {"champion": "2", "previous": "1"}
             t_promote = _served_version(url, "2")
             row = {k: v for k, v in test.head(1).to_dicts()[0].items() if k in cand.spec.names}
             ans = httpx.post(url + "/predict", json=row, timeout=10).json()
             assert ans["model_version"] == "2"
             assert ans["prediction"] == pytest.approx(float(pb[0]), abs=1e-5)
-            r = rollback(s, reason="scale test")
+            r = reg.rollback(reason="scale test")
             assert r.after == {"champion": "1"}
             t_rollback = _served_version(url, "1")
             print(f"\nMLflow on PostgreSQL: promote-to-served {t_promote * 1000:.0f} ms, rollback-to-served "

@@ -3,9 +3,9 @@
 - Prediction log on object storage: replicas write their part files to a real S3-protocol server (moto's standalone
   server) and monitoring reads them back from there with the same code (`predictions_store=s3://bucket/prefix`).
 - Replicas behind a real load balancer (Debian's haproxy, config in docs/haproxy.cfg) with their routing, feedback
-  and bandit state shared through the serving store (`serve_state`): sticky A/B whichever replica answers, a shared
-  bandit posterior, a promotion picked up by every replica, and a replica killed with SIGKILL under load costs no
-  request (haproxy `retries` + `option redispatch` + `retry-on`, health checks on /health/ready)."""
+  and bandit state shared through the serving store on PostgreSQL (`serve_state=postgresql://...`): sticky A/B
+  whichever replica answers, a shared bandit posterior, a promotion picked up by every replica, and a replica killed
+  with SIGKILL under load costs no request (haproxy `retries` + `option redispatch` + `retry-on`, health checks on /health/ready)."""
 from __future__ import annotations
 import os, shutil, signal, subprocess, sys, threading, time
 from collections import Counter
@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from conftest import ROOT, make_settings
-from pg import free_port
+from pg import free_port, pg_cluster
 
 TOKEN = "scale-token"
 
@@ -77,10 +77,10 @@ def start_replicas(n: int, env: dict, tmp: Path) -> list[Replica]:
 def build_home(tmp: Path):
     "A project home with v1 (champion) and v2 (challenger): small real boosters on a real sample of the demo data."
     import mlflow, xgboost as xgb
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
-    from mlnb.registry import mlflow_setup, register_model, set_challenger
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
+    from mlnb.registry import ModelRegistry, mlflow_setup, register_model
     from mlnb.train import make_dmatrix
-    from mlnb.validate import FeatureSpec
+    from mlnb.schema import FeatureSpec
     s = make_settings(tmp, admin_token=TOKEN)
     frame = build_training_set(s, months=(1, 2), sample=0.02)
     spec = FeatureSpec.infer(frame, FEATURES, target=TARGET, categorical=CATEGORICAL, nullable=NULLABLE)
@@ -91,7 +91,7 @@ def build_home(tmp: Path):
         with mlflow.start_run():
             register_model(b, spec, frame, settings=s, reference_rows=1000)
     mlflow.set_tracking_uri(None); mlflow.set_registry_uri(None)
-    set_challenger(s, "2", reason="scale test")
+    ModelRegistry(s).set_challenger("2", reason="scale test")
     records = [{n: v for n, v in r.items() if n in spec.names} for r in frame.head(200).to_dicts()]
     return type("Home", (), {"settings": s, "spec": spec, "records": records, "tmp": tmp})
 
@@ -240,8 +240,9 @@ class Load:
 
 
 def test_replicas_behind_haproxy_share_routing_bandit_and_promotion(home, balancer, tmp_path):
-    from mlnb.registry import aliases, promote, rollback, set_challenger
-    s = home.settings.replace(serve_state=str(tmp_path/"serving.db"))
+    from mlnb.registry import ModelRegistry
+    state = pg_cluster().createdb()                            # routing, feedback and bandit state in PostgreSQL
+    s = home.settings.replace(serve_state=state)
     reps = start_replicas(2, replica_env(s), tmp_path)
     try:
         lb = balancer(reps)
@@ -269,11 +270,14 @@ def test_replicas_behind_haproxy_share_routing_bandit_and_promotion(home, balanc
                 arms = Counter(httpx.post(r.url + "/predict", json=home.records[0]).json()["arm"] for _ in range(50))
                 return arms["challenger"] >= 40
             for r in reps: wait_until(lambda: learned(r), timeout=20, what=f"replica {r.port} learns the rewards")
+            import sqlalchemy as sa
+            with sa.create_engine(state).connect() as db:           # the posterior both replicas read lives there
+                assert db.execute(sa.text("SELECT sum(n) FROM bandit")).scalar() == 120
             assert reps[0].admin("/admin/routing", {"strategy": "single"}).status_code == 200
             # a promotion reaches every replica; time from the alias move to the last replica serving it
             wait_until(lambda: all(r.models()["routing"]["strategy"] == "single" for r in reps), what="single routing")
             t0 = time.monotonic()
-            promote(s, force=True, reason="scale test")
+            ModelRegistry(s).promote(force=True, reason="scale test")
             seen = {}
             while len(seen) < len(reps):
                 for r in reps:
@@ -283,7 +287,7 @@ def test_replicas_behind_haproxy_share_routing_bandit_and_promotion(home, balanc
                 time.sleep(0.01)
             print(f"\npromote-to-served across {len(reps)} replicas: " +
                   ", ".join(f"{v * 1000:.0f} ms" for v in seen.values()) + " (poll 0.2 s)")
-            rollback(s, reason="scale test"); set_challenger(s, "2", reason="scale test")
+            ModelRegistry(s).rollback(reason="scale test"); ModelRegistry(s).set_challenger("2", reason="scale test")
         # one replica killed under load through the balancer: no request lost
         with Load(lb, home.records) as load:
             wait_until(lambda: len(load.answers) > 100, what="load through the balancer")
