@@ -62,10 +62,12 @@ def bench_serve() -> dict:
     import test_scale_serving as T
     tmp = Path(tempfile.mkdtemp(prefix="mlnb-bench-serve-"))
     h = T.build_home(tmp)
-    s = h.settings.replace(serve_state=str(tmp/"serving.db"))
+    from pg import PgCluster
+    cluster = PgCluster(fsync=True)
+    s = h.settings.replace(serve_state=cluster.createdb())          # replicas share their state in PostgreSQL
     env = {**T.replica_env(s), "MLNB_SERVE_ENGINE": "auto", "MLNB_LOG_FLUSH_SECONDS": "2.0"}
     reps = T.start_replicas(2, env, tmp)
-    procs, out = [], {"wrk": "-t2 -c16 -d10s POST /predict (1 record)", "cores": os.cpu_count()}
+    procs, out = [], {"wrk": "-t2 -c16 -d10s POST /predict (1 record)", "cores": os.cpu_count(), "state": "postgresql"}
     body = json.dumps({**h.records[0], "entity": "bench"})
     try:
         for r in reps:           # compiled engine where possible, as in production
@@ -102,7 +104,7 @@ def bench_serve() -> dict:
     finally:
         for p in procs: os.killpg(p.pid, signal.SIGTERM)
         for r in reps: r.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        cluster.stop(); shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
