@@ -86,5 +86,6 @@ def test_workers_on_postgresql_survive_kill_9(pg, tmp_path):
     logs = first_logs + [p.stdout]                        # one worker continues in the `mlnb tune run` process
     logged = Counter(int(m) for text in logs for m in re.findall(pattern, text))
     assert logged and max(logged.values()) == 1, logged
-    assert set(logged) == {t.number for t in study.trials if t.state in FINISHED}
-    assert len({tuple(sorted(t.params.items())) for t in study.get_trials(states=FINISHED)}) == len(logged)
+    # (the victim may have printed its result just before the kill, without the storage hearing of it)
+    assert set(logged) - {victim.number} == {t.number for t in study.trials if t.state in FINISHED}
+    assert len({tuple(sorted(t.params.items())) for t in study.get_trials(states=FINISHED)}) == len(logged) - (victim.number in logged)
