@@ -438,6 +438,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlnb.protocols.ProtocolError.__init__': ('protocols.html#protocolerror.__init__', 'mlnb/protocols.py'),
                                 'mlnb.protocols.Tensor': ('protocols.html#tensor', 'mlnb/protocols.py'),
                                 'mlnb.protocols.Tensor.__init__': ('protocols.html#tensor.__init__', 'mlnb/protocols.py'),
+                                'mlnb.protocols._coerce_column': ('protocols.html#_coerce_column', 'mlnb/protocols.py'),
                                 'mlnb.protocols._columnar': ('protocols.html#_columnar', 'mlnb/protocols.py'),
                                 'mlnb.protocols._columns': ('protocols.html#_columns', 'mlnb/protocols.py'),
                                 'mlnb.protocols._rows': ('protocols.html#_rows', 'mlnb/protocols.py'),

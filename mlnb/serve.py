@@ -408,7 +408,7 @@ def openapi_spec(spec: FeatureSpec | None, max_batch: int = 10_000, title: str =
                                       "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/admin/reload": {"post": {"operationId": "adminReload", "security": admin, "summary": "Re-check the registry now",
                                        "responses": {"200": J("Models"), "503": E("no model could be loaded"), **admin_err}}},
-            **openapi_paths(),
+            **openapi_paths(max_batch),
             "/admin/routing": {"post": {"operationId": "adminRouting", "security": admin, "summary": "Set the routing live",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Routing"}}}},
                 "responses": {"200": J("Models"), "400": E("malformed body"), "409": E("an arm has no loadable model"),
