@@ -11,8 +11,8 @@ from .core import Settings, load_settings
 
 # %% auto #0
 __all__ = ['PROTOCOL_KEYS', 'pct', 'Child', 'sequential', 'parse_wrk', 'concurrent_wrk', 'concurrent_httpx', 'concurrent',
-           'train_bench_model', 'bench_model', 'protocol_bodies', 'grpc_request', 'grpc_sequential', 'grpc_concurrent',
-           'measure_protocol', 'check_protocols', 'inprocess', 'run_bench', 'main']
+           'train_bench_model', 'bench_model', 'protocol_bodies', 'grpc_request', 'grpc_concurrent', 'sequential_mixed',
+           'protocol_result', 'check_protocols', 'inprocess', 'run_bench', 'main']
 
 # %% ../nbs/61_bench_serve.ipynb #d2d0f967
 def pct(xs, q: float) -> float:
@@ -188,20 +188,6 @@ def grpc_request(spec, model: str, recs: list[dict]) -> bytes:
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
 _OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]      # one TCP connection per channel
 
-def grpc_sequential(target: str, bodies: list[bytes], n: int, warmup: int = 50) -> dict:
-    "Latency of `n` one-at-a-time ModelInfer calls over one channel (pre-serialized bodies, cycled)."
-    import grpc
-    lat, errors = [], 0
-    with grpc.insecure_channel(target, options=_OWN_CONNECTION) as ch:
-        call = ch.unary_unary(_INFER)          # bytes in, bytes out: no client-side (de)serialization
-        for i in range(warmup): call(bodies[i % len(bodies)], timeout=30)
-        for i in range(n):
-            t = time.perf_counter()
-            try: call(bodies[i % len(bodies)], timeout=30); ok = True
-            except grpc.RpcError: ok = False
-            lat.append((time.perf_counter() - t) * 1000); errors += not ok
-    return {"p50_ms": round(pct(lat, 50), 3), "p99_ms": round(pct(lat, 99), 3), "n": n, "errors": errors}
-
 def grpc_concurrent(target: str, bodies: list[bytes], seconds: float, connections: int = 16) -> dict:
     "Throughput of `connections` concurrent callers, each on its own channel (connection), for `seconds`."
     import grpc
@@ -225,15 +211,37 @@ def grpc_concurrent(target: str, bodies: list[bytes], seconds: float, connection
             "p99_ms_concurrent": round(pct(lat, 99), 3), "errors": errors[0], "requests": len(lat),
             "load_generator": "grpc.aio"}
 
-def measure_protocol(seq, conc, url: str, one: list[bytes], hundred: list[bytes], requests: int, seconds: float,
-                     connections: int) -> dict:
-    "The benchmark keys of one protocol: 1-row sequential + concurrent, 100-row sequential + concurrent."
-    a, b = seq(url, one, requests), conc(url, one, seconds, connections)
-    c, d = seq(url, hundred, max(100, requests // 4), 20), conc(url, hundred, seconds / 2, connections)
-    return {"p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"], "rps": b["rps"], "p50_ms_concurrent": b["p50_ms_concurrent"],
-            "p99_ms_concurrent": b["p99_ms_concurrent"], "p50_ms_100rows": c["p50_ms"], "p99_ms_100rows": c["p99_ms"],
-            "rps_100rows": d["rps"], "errors": a["errors"] + b["errors"] + c["errors"] + d["errors"],
-            "load_generator": b.get("load_generator")}
+def sequential_mixed(targets: dict[str, tuple[str, list[bytes]]], n: int, warmup: int = 50) -> dict[str, dict]:
+    "Sequential latency of several routes measured in turn (request i of every route, then request i+1), so load from"
+    " other processes on the machine hits every route alike. `targets`: `{key: (http URL or gRPC host:port, bodies)}`."
+    import grpc, httpx
+    calls, lat, errors, closers = {}, {k: [] for k in targets}, dict.fromkeys(targets, 0), []
+    for k, (url, bodies) in targets.items():
+        if url.startswith("http"):
+            c = httpx.Client(timeout=30, headers={"content-type": "application/json"}); closers.append(c.close)
+            calls[k] = lambda b, c=c, url=url: c.post(url, content=b).status_code == 200
+        else:
+            ch = grpc.insecure_channel(url, options=_OWN_CONNECTION); closers.append(ch.close)
+            calls[k] = lambda b, f=ch.unary_unary(_INFER): f(b, timeout=30) is not None
+    try:
+        for i in range(warmup + n):
+            for k, (_, bodies) in targets.items():
+                t = time.perf_counter()
+                try: ok = calls[k](bodies[i % len(bodies)])
+                except (httpx.HTTPError, grpc.RpcError): ok = False
+                if i >= warmup: lat[k].append((time.perf_counter() - t) * 1000); errors[k] += not ok
+    finally:
+        for close in closers: close()
+    return {k: {"p50_ms": round(pct(v, 50), 3), "p99_ms": round(pct(v, 99), 3), "n": n, "errors": errors[k]}
+            for k, v in lat.items()}
+
+def protocol_result(seq1: dict, conc1: dict, seq100: dict, conc100: dict) -> dict:
+    "The benchmark keys of one protocol from its 1-row and 100-row sequential and concurrent runs."
+    return {"p50_ms": seq1["p50_ms"], "p99_ms": seq1["p99_ms"], "rps": conc1["rps"],
+            "p50_ms_concurrent": conc1["p50_ms_concurrent"], "p99_ms_concurrent": conc1["p99_ms_concurrent"],
+            "p50_ms_100rows": seq100["p50_ms"], "p99_ms_100rows": seq100["p99_ms"], "rps_100rows": conc100["rps"],
+            "errors": seq1["errors"] + conc1["errors"] + seq100["errors"] + conc100["errors"],
+            "load_generator": conc1.get("load_generator")}
 
 PROTOCOL_KEYS = ("invocations", "oip_rest", "oip_grpc")
 
@@ -318,13 +326,18 @@ def run_bench(settings: Settings, requests: int = 2000, mlflow_requests: int = 3
             result["mlnb"]["engine"] = m["engine"]
             one, hundred = (protocol_bodies(spec, records, k, bundle.name) for k in (1, 100))
             check_protocols(base, f"127.0.0.1:{gport}", bundle, one, hundred, records)
-            result["mlnb"]["p50_ms_100rows"] = sequential(base + "/predict", hundred["native"], max(100, requests // 4), 20)["p50_ms"]
-            for key, url in (("invocations", base + "/invocations"), ("oip_rest", f"{base}/v2/models/{bundle.name}/infer")):
-                _log(f"protocol {key}")
-                result[key] = measure_protocol(sequential, concurrent, url, one[key], hundred[key], requests, seconds, connections)
-            _log("protocol oip_grpc")
-            result["oip_grpc"] = measure_protocol(grpc_sequential, grpc_concurrent, f"127.0.0.1:{gport}", one["oip_grpc"],
-                                                  hundred["oip_grpc"], requests, seconds, connections)
+            urls = {"native": base + "/predict", "invocations": base + "/invocations",
+                    "oip_rest": f"{base}/v2/models/{bundle.name}/infer", "oip_grpc": f"127.0.0.1:{gport}"}
+            _log("protocols: sequential, interleaved")
+            seq1 = sequential_mixed({k: (u, one[k]) for k, u in urls.items()}, requests)
+            seq100 = sequential_mixed({k: (u, hundred[k]) for k, u in urls.items()}, max(100, requests // 4), 20)
+            result["mlnb"].update(p50_ms_100rows=seq100["native"]["p50_ms"], p99_ms_100rows=seq100["native"]["p99_ms"],
+                                  interleaved={"p50_ms": seq1["native"]["p50_ms"], "p99_ms": seq1["native"]["p99_ms"]})
+            for key in PROTOCOL_KEYS:
+                _log(f"protocol {key}: concurrent")
+                conc = grpc_concurrent if key == "oip_grpc" else concurrent
+                result[key] = protocol_result(seq1[key], conc(urls[key], one[key], seconds, connections), seq100[key],
+                                              conc(urls[key], hundred[key], seconds / 2, connections))
         finally: srv.stop()
         if not skip_mlflow:
             port = _free_port()
@@ -349,7 +362,7 @@ def run_bench(settings: Settings, requests: int = 2000, mlflow_requests: int = 3
         result["rps_ratio_vs_mlflow"] = round(result["mlnb"]["rps"] / result["mlflow"]["rps"], 1)
         result["p50_ratio_vs_mlflow"] = round(result["mlflow"]["p50_ms"] / result["mlnb"]["p50_ms"], 1)
     else: result["rps_ratio_vs_mlflow"] = None
-    base50, base100 = result["mlnb"]["p50_ms"], result["mlnb"]["p50_ms_100rows"]
+    base50, base100 = result["mlnb"]["interleaved"]["p50_ms"], result["mlnb"]["p50_ms_100rows"]   # measured in turn with them
     result["p50_ratio_vs_native"] = {k: {"1row": round(result[k]["p50_ms"] / base50, 2),
                                          "100rows": round(result[k]["p50_ms_100rows"] / base100, 2)} for k in PROTOCOL_KEYS}
     result["goal_met_protocols"] = {**{f"{k}_p50_within_1.5x_native": result[k]["p50_ms"] <= 1.5 * base50 for k in PROTOCOL_KEYS},
