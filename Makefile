@@ -7,7 +7,7 @@ BIN   := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: setup system-deps demo test check-clean check-export nbtest pytest export clean-pipelines lab app serve proto
+.PHONY: setup system-deps demo test check-clean check-export lint nbtest pytest export clean-pipelines lab app serve proto
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,8 @@ system-deps:
 demo: setup
 	$(BIN)/mlnb demo
 
-# The README's test command. Order: notebooks clean, package in sync, inline notebook tests, pytest.
-test: setup system-deps check-clean check-export nbtest pytest
+# The README's test command. Order: notebooks clean, package in sync, layer contracts, inline notebook tests, pytest.
+test: setup system-deps check-clean check-export lint nbtest pytest
 
 # $(call unchanged,FIND-ARGS,COMMAND,MESSAGE): fail when COMMAND changes any file that `find FIND-ARGS` lists.
 define unchanged
@@ -44,6 +44,10 @@ check-clean: setup
 check-export: setup
 	$(call unchanged,mlnb -name '*.py',$(BIN)/nbdev-export,notebooks and mlnb/ are not in sync)
 	@echo "mlnb/ is in sync with nbs/"
+
+# Layer contracts (pyproject [tool.importlinter]): a lower layer never imports a higher one.
+lint: setup
+	$(BIN)/lint-imports
 
 nbtest: setup
 	$(BIN)/nbdev-test --n-workers 2 --timing

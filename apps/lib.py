@@ -25,8 +25,8 @@ def _has_registry(s: Settings) -> bool:
 def champion_version(_s: Settings, home: str, tracking_uri: str, model_name: str) -> str | None:
     "The version the `champion` alias points to (re-checked every 10 s), or None."
     if not _has_registry(_s): return None
-    from mlnb.registry import current_version
-    return current_version(_s, "champion", model_name)
+    from mlnb.registry import ModelRegistry
+    return ModelRegistry(_s, model_name).current_version("champion")
 
 
 @st.cache_resource(show_spinner="Loading the champion model...", max_entries=4)
@@ -38,7 +38,7 @@ def load_bundle(_s: Settings, home: str, model_name: str, version: str):
 
 @st.cache_data(show_spinner="Computing SHAP importance...", max_entries=8)
 def shap_importance(_bundle, home: str, model_name: str, version: str) -> pl.DataFrame:
-    from mlnb.evaluate import global_importance
+    from mlnb.explain import global_importance
     return global_importance(_bundle)
 
 

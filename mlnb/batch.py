@@ -9,34 +9,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from .core import Settings, load_settings, ensure_dir
-from .validate import InvalidRecord, FeatureSpec
+from .schema import InvalidRecord, FeatureSpec, check_frame_records
 
 # %% auto #0
-__all__ = ['check_frame_records', 'predict_file', 'predict_cli']
-
-# %% ../nbs/47_batch.ipynb #487432c9
-def check_frame_records(spec: FeatureSpec, df, offset: int = 0):
-    "Validate a frame chunk: (encoded float32 rows, per row None or (row, field, problem)); whole-column problems raise."
-    missing = [n for n in spec.names if n not in df.columns]
-    if missing: raise InvalidRecord(missing[0], "missing column" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    errors = [None] * df.height
-    def flag(mask, field, problem):
-        for i in np.flatnonzero(mask):
-            if errors[i] is None: errors[i] = (offset + int(i), field, problem)
-    for f in spec.features:
-        s = df[f.name]
-        if f.kind == "num":
-            if s.dtype == pl.Null: s = s.cast(pl.Float64)
-            if not s.dtype.is_numeric(): raise InvalidRecord(f.name, f"column has type {s.dtype}; expected numbers")
-            v = s.cast(pl.Float64)
-            null = v.is_null().to_numpy()
-            arr = v.fill_null(0.0).to_numpy()
-            flag(~np.isfinite(arr) & ~null, f.name, "must be finite")
-            flag((np.abs(arr) > np.finfo(np.float32).max) & np.isfinite(arr), f.name, "out of range for a 32-bit float")
-        else:
-            null = s.is_null().to_numpy()
-        if not f.nullable: flag(null, f.name, "null is not allowed")
-    return spec.encode_frame(df.select(spec.names)), errors
+__all__ = ['predict_file', 'predict_cli']
 
 # %% ../nbs/47_batch.ipynb #9b63e18f
 def _reader(path: Path, chunk: int):

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from .core import Settings, load_settings
-from .validate import validate
+from .contracts import validate
 from . import features as F
+from .examples import flights as FL
 
 # %% auto #0
 __all__ = ['percentiles_ms', 'timed', 'pandas_pit', 'bench_online', 'start_redis', 'main']
@@ -34,7 +35,7 @@ def pandas_pit(rows: pl.DataFrame, timestamp: str = "sched_dep_ts") -> float:
     import pandas as pd
     left = rows.select(timestamp, "origin", "dest", "carrier", "tailnum").sort(timestamp).to_pandas()
     rights = []
-    for name in F.DEMO_VIEWS:
+    for name in FL.DEMO_VIEWS:
         v = F.get_feature_view(name)
         t = F.offline_table(v).rename({v.timestamp: v.obs_column}).sort(v.obs_column).to_pandas()
         rights.append((v, t))
@@ -50,7 +51,7 @@ def pandas_pit(rows: pl.DataFrame, timestamp: str = "sched_dep_ts") -> float:
 def bench_online(settings: Settings, url: str, n: int, prefix: str, rng) -> dict:
     "Materialize the demo views into the store at `url` and time one-key, 100-key and one-flight lookups."
     t0 = time.perf_counter()
-    for name in F.DEMO_VIEWS: F.materialize_online(name, settings, url=url)
+    for name in FL.DEMO_VIEWS: F.materialize_online(name, settings, url=url)
     out = {f"{prefix}materialize_seconds": round(time.perf_counter() - t0, 3)}
     store = F.open_online_store(url, settings)
     at = store.meta("route")["watermark"]
@@ -65,7 +66,7 @@ def bench_online(settings: Settings, url: str, n: int, prefix: str, rng) -> dict
     it = iter(batches)
     p50, p99 = percentiles_ms(timed(lambda: get("plane", next(it), at=at, store=store), len(batches)))
     out.update({f"{prefix}100_keys_p50_ms": p50, f"{prefix}100_keys_p99_ms": p99})
-    flights = F.load_flights().select("origin", "dest", "carrier", "tailnum").sample(n=n, seed=1).rows()
+    flights = FL.load_flights().select("origin", "dest", "carrier", "tailnum").sample(n=n, seed=1).rows()
     it = iter(flights)
     def flight():
         o, d, c, t = next(it)
@@ -105,20 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     months = (1, 1) if args.quick else (1, 12)
     rng = np.random.default_rng(0)
     base = load_settings()
+    FL.register_views()                     # the flights example's views, by name, for the lookups below
     res: dict = {"quick": args.quick}
     say = lambda *a: print(*a, flush=True)
 
     # point-in-time training set
     t0 = time.perf_counter()
-    year = F.build_training_set(base, months=months)
+    year = FL.build_training_set(base, months=months)
     res["pit_cold_seconds"] = round(time.perf_counter() - t0, 3)
     res["pit_rows"] = year.height
-    res["pit_seconds"] = round(float(np.median(timed(lambda: F.build_training_set(base, months=months), reps))), 3)
+    res["pit_seconds"] = round(float(np.median(timed(lambda: FL.build_training_set(base, months=months), reps))), 3)
     say(f"point-in-time training set: {year.height:,} rows in {res['pit_seconds']:.3f} s warm "
         f"({res['pit_cold_seconds']:.2f} s cold)")
-    flights = F.add_target(F.load_flights(months))
+    flights = FL.add_target(FL.load_flights(months))
     res["pit_join_seconds"] = round(float(np.median(timed(
-        lambda: F.get_historical_features(flights, F.DEMO_VIEWS, "sched_dep_ts", base), reps))), 3)
+        lambda: F.get_historical_features(flights, FL.DEMO_VIEWS, "sched_dep_ts", base), reps))), 3)
     say(f"  of which the 4 point-in-time joins (polars join_asof): {res['pit_join_seconds']:.3f} s")
     if not args.quick:
         res["pit_pandas_seconds"] = round(float(np.median([pandas_pit(flights) for _ in range(reps)])), 3)
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # validation
     train = year.filter(pl.col("month") <= 6) if not args.quick else year
-    contract = F.training_contract(train)
+    contract = FL.training_contract(train)
     check = contract.validator()
     records = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
                for r in year.select(contract.features).sample(n=min(n, year.height), seed=2).to_dicts()]
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         s = base.replace(home=Path(d))
         url = F.online_store_url(s)
-        for name in F.DEMO_VIEWS: F.materialize_offline(name, s)
+        for name in FL.DEMO_VIEWS: F.materialize_offline(name, s)
         res.update(bench_online(s, url, n, "online_", rng))
         routes = F.offline_table("route")
         keys = routes.select("origin", "dest").unique().rows()

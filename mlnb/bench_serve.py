@@ -129,8 +129,8 @@ def concurrent(url: str, bodies: list[bytes], seconds: float, connections: int =
 def train_bench_model(settings: Settings, rounds: int = 200, depth: int = 6, sample: float = 0.1) -> str:
     "Train and register a benchmark model (demo data) as champion in `settings`' home; returns its version."
     import mlflow
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE
-    from mlnb.validate import FeatureSpec
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE
+    from mlnb.schema import FeatureSpec
     from mlnb.train import train_booster
     from mlnb.registry import mlflow_setup, register_model
     df = build_training_set(settings, months=(1, 3), sample=sample, seed=settings.seed)
@@ -144,13 +144,13 @@ def train_bench_model(settings: Settings, rounds: int = 200, depth: int = 6, sam
 
 def bench_model(home: str | None, keep: list) -> Settings:
     "Settings whose registry has a champion (see above); temporary folders are appended to `keep` for cleanup."
-    from mlnb.registry import current_version
+    from mlnb.registry import ModelRegistry
     if home:
         s = load_settings(home=home)
-        if current_version(s, "champion") is None: raise LookupError(f"{home}: no champion model; train one first")
+        if ModelRegistry(s).current_version("champion") is None: raise LookupError(f"{home}: no champion model; train one first")
         return s
     s = load_settings()
-    if current_version(s, "champion") is not None: return s
+    if ModelRegistry(s).current_version("champion") is not None: return s
     tmp = tempfile.mkdtemp(prefix="mlnb-bench-serve-"); keep.append(tmp)
     s = load_settings(home=str(Path(tmp)/"home"), reports_dir=str(Path(tmp)/"reports"))
     _log(f"no champion in the project: training a 200-tree model into {tmp}")

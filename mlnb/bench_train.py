@@ -10,8 +10,11 @@ import numpy as np
 import polars as pl
 import xgboost as xgb
 from .core import Settings, load_settings, parse_range
-from .validate import FeatureSpec
+from .schema import FeatureSpec
+from optuna.trial import TrialState
 from .train import time_split, train_booster
+from .tune import tune
+from .examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
 
 # %% auto #0
 __all__ = ['bench_training', 'bench_tuning', 'run_bench', 'main']
@@ -54,8 +57,6 @@ def bench_training(spec: FeatureSpec, train: pl.DataFrame, valid: pl.DataFrame, 
 def bench_tuning(spec: FeatureSpec, train: pl.DataFrame, valid: pl.DataFrame, settings: Settings, trials: int = 12,
                  rounds: int = 200, nthread: int = 0, track: bool = True, log=print) -> dict:
     "Trials per minute of a study with the median pruner and of the same study without pruning."
-    from optuna.trial import TrialState
-    from mlnb.tune import tune
     out = {}
     for pruner in ("median", "none"):
         r = tune(spec, train, valid, settings, n_trials=trials, pruner=pruner, study_name=f"bench-{pruner}",
@@ -75,7 +76,6 @@ def bench_tuning(spec: FeatureSpec, train: pl.DataFrame, valid: pl.DataFrame, se
 def run_bench(settings: Settings, months: str = "1-6", sample: float = 0.25, rounds: int = 200, repeats: int = 5,
               trials: int = 12, nthread: int | None = None, track: bool = True, log=print) -> dict:
     "Both benchmarks on a `sample` of the demo flights of `months`, state in a scratch home; returns the result dict."
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
     nthread = settings.nthread if nthread is None else nthread
     frame = build_training_set(settings, months=parse_range(months), sample=sample)
     train, valid, _ = time_split(frame)

@@ -12,8 +12,8 @@ from .audit import read_audit, audited
 
 # %% auto #0
 __all__ = ['DELEGATED', 'parse_kv', 'cmd_run', 'cmd_serve', 'cmd_app', 'drift', 'cmd_drift', 'cmd_audit', 'cmd_runs',
-           'cmd_settings', 'free_port', 'wait_ready', 'start_server', 'run_demo', 'cmd_demo', 'bench_names',
-           'cmd_bench', 'build_parser', 'main']
+           'cmd_settings', 'free_port', 'wait_ready', 'start_server', 'release_narration', 'run_demo', 'cmd_demo',
+           'bench_names', 'cmd_bench', 'build_parser', 'main']
 
 # %% ../nbs/60_cli.ipynb #00dc9d3f
 def parse_kv(pairs: list[str] | None) -> dict:
@@ -62,7 +62,7 @@ def drift(settings: Settings, months: str | None = None, since: str | None = Non
         rec.model_version = bundle.version
         if months:
             from mlnb.core import parse_range
-            from mlnb.features import build_training_set
+            from mlnb.examples.flights import build_training_set
             current = build_training_set(settings, months=parse_range(months))
             current = current.with_columns(prediction=bundle.predict_frame(current))
             report = drift_report(reference_frame(bundle), current, spec=bundle.spec, settings=settings,
@@ -154,27 +154,48 @@ def _wait_serving(url: str, version: str, timeout: float = 30.0) -> float:
     raise TimeoutError(f"the server did not switch to version {version} within {timeout:.0f} s")
 
 # %% ../nbs/60_cli.ipynb #f68a33b0
+def release_narration(r: dict) -> list[str]:
+    "The demo's lines about a `gated_release` result: the gate with its interval and p-values, then the alias moves."
+    lines = []
+    if r.get("champion_value") is not None:
+        floor = 1 / ((r.get("n_bootstrap") or 1000) + 1)
+        pv = f"p < {floor:.1g}" if r["p_value"] <= floor * 1.0001 else f"p = {r['p_value']:.2g}"
+        delong = f"; DeLong p = {r['delong_p_value']:.1e}" if r.get("delong_p_value") is not None else ""
+        lines.append(f"   gate {r['gate_decision'].upper()}: v{r['candidate_version']} vs champion v{r['champion_version']} on "
+                     f"{r['heldout_rows']:,} held-out rows: {r['primary']} {r['champion_value']:.4f} -> {r['candidate_value']:.4f}, "
+                     f"diff {r['diff']:+.4f} (95% CI {r['ci_low']:+.4f} to {r['ci_high']:+.4f}), {pv} "
+                     f"(paired bootstrap, {r.get('n_bootstrap') or '?'} resamples{delong})")
+    else: lines.append(f"   gate {(r.get('gate_decision') or '?').upper()}: {'; '.join(r.get('gate_reasons', []))}")
+    lines += [f"     - {x}" for x in r.get("gate_reasons", [])[:12]]
+    if r.get("promoted"):
+        lines.append(f"   promote: {r['promote_message']} in {r['promote_seconds'] * 1000:.0f} ms (deploy pipeline {r['deploy_seconds']:.1f} s)")
+    if "rollback_message" in r:
+        lines.append(f"   rollback: {r['rollback_message']} in {r['rollback_seconds'] * 1000:.0f} ms; promote again: "
+                     f"{r['repromote_message']} in {r['repromote_seconds'] * 1000:.0f} ms")
+    return lines
+
 def run_demo(settings: Settings, sample: float = 1.0, requests: int = 3000, workers: int = 4,
              tune: dict | None = None) -> dict:
     "Train, register, serve, gate and promote a candidate under traffic, report drift. Returns a summary dict."
     tune = {"n_trials": 20, "timeout": 120, "workers": 2} if tune is None else tune
     from mlnb.pipeline import run_pipeline
-    from mlnb.features import build_training_set
-    from mlnb.registry import load_model, gated_release
+    from mlnb.examples.flights import build_training_set, train_window, prod_window
+    from mlnb.registry import load_model
+    from mlnb.orchestrate import gated_release
     t0 = time.perf_counter()
-    print(f"== 1/5 train months {settings.train_months} through nbs/pipelines/train.ipynb (papermill)", flush=True)
+    print(f"== 1/5 train months {'-'.join(map(str, train_window(settings)))} through nbs/pipelines/train.ipynb (papermill)", flush=True)
     run = run_pipeline("train", {"sample": sample}, settings)
     m = run.metrics
     print(f"   held-out AUC {m['test_auc']:.4f}  log-loss {m['test_logloss']:.4f}  "
           f"model {m.get('model_name')} v{m.get('model_version')}  ({run.seconds:.0f} s)", flush=True)
     bundle = load_model(settings, "champion")
-    prod = build_training_set(settings, months=settings.prod_range)
+    prod = build_training_set(settings, months=prod_window(settings))
     prod = prod.sample(n=min(requests, prod.height), seed=settings.seed).sort("sched_dep_ts")
     records = [{**{k: r[k] for k in bundle.spec.names}, "entity": f"{r['carrier']}{r['flight']}"}
                for r in prod.select(*dict.fromkeys([*bundle.spec.names, "carrier", "flight"])).to_dicts()]
     half = len(records) // 2
     print(f"== 2/5 serve {bundle.name} v{bundle.version} (champion); send {half} flights from months "
-          f"{settings.prod_months}", flush=True)
+          f"{'-'.join(map(str, prod_window(settings)))}", flush=True)
     proc, url = start_server(settings)
     lat, codes, versions, gate = [], {}, {}, {}
     def add(batch):
@@ -194,7 +215,8 @@ def run_demo(settings: Settings, sample: float = 1.0, requests: int = 3000, work
                  if cm.get("untuned_test_auc") is not None else "")
         print(f"   candidate v{cm['model_version']}: held-out AUC {cm['test_auc']:.4f}{tuned} ({cand.seconds:.0f} s)",
               flush=True)
-        gate = gated_release(settings, cand.metrics["model_version"], echo=lambda s: print(s, flush=True))
+        gate = gated_release(settings, cand.metrics["model_version"])
+        for line in release_narration(gate): print(line, flush=True)
         champion = load_model(settings, "champion").version
         swap = _wait_serving(url, champion)
         print(f"   the server serves v{champion} {swap:.1f} s after the last alias move, without a restart", flush=True)

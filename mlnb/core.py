@@ -26,11 +26,11 @@ class Settings:
     tracking_uri: str = ""                 # empty: sqlite:///<home>/mlflow.db
     registry_uri: str = ""                 # empty: same as tracking_uri
     artifact_root: str = ""                # empty: <home>/artifacts
-    experiment: str = "mlnb-flights"
-    model_name: str = "flight-delay"
+    experiment: str = "mlnb"              # MLflow experiment of training runs
+    model_name: str = "model"             # registered model name
     kernel_name: str = "mlnb"              # Jupyter kernel papermill runs pipelines on
-    train_months: str = "1-6"              # demo training window (inclusive month range of 2013)
-    prod_months: str = "7-12"              # demo "production" window
+    train_months: str = ""                 # training window of a time-ordered table, e.g. 1-6; empty: the example's own
+    prod_months: str = ""                  # "production" window, e.g. 7-12; empty: the example's own
     seed: int = 42
     nthread: int = 0                       # XGBoost threads; 0 = all cores
     serve_host: str = "127.0.0.1"
@@ -53,6 +53,7 @@ class Settings:
     online_store: str = ""                 # empty: sqlite:///<home>/features/online.db; or redis://host:port/db
     offline_store: str = ""                # empty: <home>/features/offline; or an fsspec URL, e.g. s3://bucket/features
     dask_scheduler: str = ""               # empty: train in process; "local": a LocalCluster; or tcp://host:8786
+    feature_modules: str = ""              # modules whose register_views() defines the feature views, e.g. mlnb.examples.flights
 
     # derived locations ---------------------------------------------------------------------------------------
     @property
@@ -70,9 +71,13 @@ class Settings:
     @property
     def mlflow_artifact_root(self) -> str: return self.artifact_root or (self.home/"artifacts").as_uri()
     @property
-    def train_range(self) -> tuple[int, int]: return parse_range(self.train_months)
+    def train_range(self) -> tuple[int, int]:
+        if not self.train_months: raise ValueError("train_months is not set: set it in settings.ini or MLNB_TRAIN_MONTHS, e.g. 1-6")
+        return parse_range(self.train_months)
     @property
-    def prod_range(self) -> tuple[int, int]: return parse_range(self.prod_months)
+    def prod_range(self) -> tuple[int, int]:
+        if not self.prod_months: raise ValueError("prod_months is not set: set it in settings.ini or MLNB_PROD_MONTHS, e.g. 7-12")
+        return parse_range(self.prod_months)
 
     def replace(self, **kw) -> Settings:
         "A copy with some fields changed (paths resolved against `root`)."

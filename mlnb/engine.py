@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 from fastcore.basics import patch
 from .core import ensure_dir, write_json
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 
 # %% auto #0
 __all__ = ['ENGINE_TOLERANCE', 'c_compiler', 'compile_booster', 'CompiledPredictor', 'verification_rows', 'LoadedModel']

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 from .core import Settings, load_settings, ensure_dir, write_json, atomic_write_bytes
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 
 # %% auto #0
 __all__ = ['Status', 'psi', 'psi_categorical', 'TwoSampleResult', 'ks_test', 'chi2_test', 'drift_status', 'FeatureDrift',

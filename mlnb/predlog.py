@@ -9,7 +9,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 import polars as pl
 from .core import Settings, ensure_dir
-from .validate import FeatureSpec
+from .schema import FeatureSpec
 
 # %% auto #0
 __all__ = ['BASE_SCHEMA', 'log_schema', 'records_to_frame', 'clean_stale_temp', 'PredictionLog', 'part_files', 'read_predictions']

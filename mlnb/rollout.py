@@ -10,7 +10,7 @@ from typing import Callable
 from fastcore.basics import patch
 from .core import Settings
 from .audit import audited
-from .validate import InvalidRecord, FeatureSpec
+from .schema import InvalidRecord, FeatureSpec
 from .engine import LoadedModel
 from .routing import RoutingConfig, RoutingError, Router, CircuitBreaker
 from .feedback import ServingStore, state_path
@@ -26,36 +26,34 @@ def _stderr(msg: str) -> None:
     except Exception: pass
 
 class RegistrySource:
-    "Models from the MLflow registry of `settings` (model `name`, default `settings.model_name`)."
+    "Models from the MLflow registry of `settings` (model `name`, default `settings.model_name`), via `ModelRegistry`."
     def __init__(self, settings: Settings, name: str | None = None):
         self.settings, self.name = settings, name or settings.model_name
-        self._client = None
+        self._registry, self.last_error = None, None
     @property
-    def client(self):
-        if self._client is None:
-            from mlflow import MlflowClient      # mlflow is heavy; only a registry-backed server needs it
-            self._client = MlflowClient(self.settings.mlflow_tracking_uri, self.settings.mlflow_registry_uri)
-        return self._client
+    def registry(self):
+        if self._registry is None:
+            from mlnb.registry import ModelRegistry   # pulls in mlflow (seconds): only a registry-backed server needs it
+            self._registry = ModelRegistry(self.settings, self.name)
+        return self._registry
 
     def resolve(self, refs) -> dict:
         "`{ref: version or None}`; a missing model or alias resolves to None (with the reason in `.last_error`)."
-        from mlflow.exceptions import MlflowException
         out, aliases = {}, None
         self.last_error = None
         for ref in refs:
             if str(ref).isdigit(): out[ref] = str(int(ref)); continue
             if aliases is None:
-                try: aliases = {k: str(v) for k, v in (self.client.get_registered_model(self.name).aliases or {}).items()}
-                except MlflowException as e:
-                    aliases = {}; self.last_error = f"model {self.name!r} is not registered in {self.settings.mlflow_registry_uri} ({e.error_code})"
+                try: aliases = self.registry.aliases()
+                except LookupError as e: aliases = {}; self.last_error = str(e)
+                except Exception as e:   # an unreachable tracking server: keep serving what is loaded
+                    aliases = {}; self.last_error = f"registry {self.settings.mlflow_registry_uri} unavailable: {type(e).__name__}: {e}"
             out[ref] = aliases.get(ref)
             if out[ref] is None and self.last_error is None:
                 self.last_error = f"model {self.name!r} has no alias {ref!r} (aliases: {sorted(aliases) or 'none'})"
         return out
 
-    def load(self, version: str):
-        from mlnb.registry import load_model     # the registry module pulls in mlflow (see `client`)
-        return load_model(self.settings, str(version), self.name)
+    def load(self, version: str): return self.registry.load(str(version))
 
 class StaticSource:
     "Bundles held in memory: `{ref: bundle or zero-argument callable returning one}`."

@@ -11,7 +11,7 @@ from typing import Callable
 import orjson
 from fastcore.basics import patch
 from .core import Settings, load_settings
-from .validate import InvalidRecord, FeatureSpec
+from .schema import InvalidRecord, FeatureSpec
 from .routing import RoutingConfig, RoutingError
 from .rollout import Rollout, StaticSource, _stderr
 from .prometheus import multiprocess_dir, prepare_multiprocess_dir

@@ -41,12 +41,8 @@ def drift_home(trained_home, champion):
     "The trained home with a drift report: the champion's reference sample vs real July 2013 flights."
     from mlnb.monitor import drift_report, reference_frame, save_latest_report
     s, spec = trained_home.settings, champion.spec
-    try:
-        from mlnb.features import build_training_set
-        current = build_training_set(s, months=(7, 7)).select(spec.names)
-    except ImportError:                      # no feature module: a shifted copy of the reference
-        num = [f.name for f in spec.features if f.kind == "num"][:3]
-        current = champion.reference.select(spec.names).with_columns(pl.col(c) * 1.5 for c in num)
+    from mlnb.examples.flights import build_training_set
+    current = build_training_set(s, months=(7, 7)).select(spec.names)
     current = current.with_columns(prediction=pl.Series(np.asarray(champion.predict_frame(current), np.float64)))
     report = drift_report(reference_frame(champion), current, spec, settings=s,
                           context={"source": "test: July 2013 flights", "model_version": champion.version})

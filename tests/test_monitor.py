@@ -1,4 +1,4 @@
-"""mlnb.monitor and mlnb.evaluate (SHAP) beyond the notebooks' inline examples: agreement with `shap`, the real
+"""mlnb.monitor and mlnb.explain (SHAP) beyond the notebooks' inline examples: agreement with `shap`, the real
 prediction log, the real flights data, and speed on a million rows."""
 import time
 from datetime import datetime, timedelta, timezone
@@ -9,10 +9,10 @@ import pytest
 import xgboost as xgb
 
 from mlnb.core import Settings
-from mlnb.evaluate import shap_values, global_importance
+from mlnb.explain import shap_values, global_importance
 from mlnb.monitor import (DriftReport, drift_report, drift_from_predictions, save_latest_report, load_latest_report,
                           psi, ks_test)
-from mlnb.validate import FeatureSpec
+from mlnb.schema import FeatureSpec
 
 
 def _synth(rng, n, shift=0.0, new_cat=0.0):
@@ -97,7 +97,7 @@ def test_drift_from_the_real_prediction_log(tmp_path):
 
 def test_drift_between_the_flights_halves_of_2013():
     "Real data: January-June vs July-December. The season shows in the weather; the airline mix barely moves."
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL
     settings = Settings()
     h1 = build_training_set(settings, months=(1, 6)).select(FEATURES)
     h2 = build_training_set(settings, months=(7, 12)).select(FEATURES)

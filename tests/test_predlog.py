@@ -8,7 +8,7 @@ import pytest
 
 from mlnb.core import Settings
 from mlnb.predlog import BASE_SCHEMA, PredictionLog, log_schema, part_files, read_predictions
-from mlnb.validate import FeatureDef, FeatureSpec
+from mlnb.schema import FeatureDef, FeatureSpec
 
 SPEC = FeatureSpec((FeatureDef("carrier", "cat", categories=("AA", "UA")), FeatureDef("distance", "num"),
                     FeatureDef("temp", "num", nullable=True)))

@@ -242,6 +242,34 @@ def test_oip_grpc_with_tritonclient_grpc(server, bundle, rows):
         c.infer(bundle.name, triton_inputs(tg, bundle.spec, rows[:1] * 501))
 
 
+def test_readme_client_snippets_work_unchanged(server, bundle, rows, encoded):
+    "The Python snippets of README's 'Switching from MLflow / KServe', run as written (only the ports and names filled in)."
+    import re
+    text = (ROOT/"README.md").read_text()
+    section = text[text.index("### Switching from MLflow / KServe"):]
+    section = section[:section.index("\n## ")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    subst = lambda code: (code.replace('"127.0.0.1", 5000', f'"127.0.0.1", {server.port}')
+                              .replace("127.0.0.1:8000", f"127.0.0.1:{server.port}").replace("flight-delay", bundle.name))
+    want = expected(bundle, rows)
+    ns = {"frame": encoded.head(5)}
+    got = eval(compile(subst(blocks[0]).strip().splitlines()[-1], "readme", "eval"),
+               {**ns, **_exec(subst(blocks[0]), ns)})
+    assert np.abs(np.asarray(got).ravel() - want[:5]).max() <= TOL
+    lines = subst(blocks[1]).strip().splitlines()
+    ns = _exec("\n".join(lines[:-1]), {"flight": rows[0]})
+    got = eval(lines[-1], ns)
+    assert abs(float(got[0]) - want[0]) <= TOL
+    ns = _exec("\n".join(lines[:-1]).replace("tritonclient.http", "tritonclient.grpc")
+               .replace(f"127.0.0.1:{server.port}", f"127.0.0.1:{server.grpc_port}"), {"flight": rows[0]})
+    assert abs(float(eval(lines[-1], ns)[0]) - want[0]) <= TOL
+
+
+def _exec(code: str, ns: dict) -> dict:
+    ns = dict(ns); exec(compile(code, "readme", "exec"), ns); return ns
+
+
 # --- One scoring path, whichever the protocol -----------------------------------------------------------------------
 
 def send(proto: str, server, bundle, record: dict, rid: str) -> dict:
@@ -345,31 +373,3 @@ def test_openapi_fuzzing_of_the_protocol_routes_finds_no_server_error(trained_ho
         assert srv.client.get("/ping").status_code == 200 and "Traceback" not in srv.log()
     finally:
         srv.stop(timeout=20)
-
-
-def test_readme_client_snippets_work_unchanged(server, bundle, rows, encoded):
-    "The Python snippets of README's 'Switching from MLflow / KServe', run as written (only the ports and names filled in)."
-    import re
-    text = (ROOT/"README.md").read_text()
-    section = text[text.index("### Switching from MLflow / KServe"):]
-    section = section[:section.index("\n## ")]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 2
-    subst = lambda code: (code.replace('"127.0.0.1", 5000', f'"127.0.0.1", {server.port}')
-                              .replace("127.0.0.1:8000", f"127.0.0.1:{server.port}").replace("flight-delay", bundle.name))
-    want = expected(bundle, rows)
-    ns = {"frame": encoded.head(5)}
-    got = eval(compile(subst(blocks[0]).strip().splitlines()[-1], "readme", "eval"),
-               {**ns, **_exec(subst(blocks[0]), ns)})
-    assert np.abs(np.asarray(got).ravel() - want[:5]).max() <= TOL
-    lines = subst(blocks[1]).strip().splitlines()
-    ns = _exec("\n".join(lines[:-1]), {"flight": rows[0]})
-    got = eval(lines[-1], ns)
-    assert abs(float(got[0]) - want[0]) <= TOL
-    ns = _exec("\n".join(lines[:-1]).replace("tritonclient.http", "tritonclient.grpc")
-               .replace(f"127.0.0.1:{server.port}", f"127.0.0.1:{server.grpc_port}"), {"flight": rows[0]})
-    assert abs(float(eval(lines[-1], ns)[0]) - want[0]) <= TOL
-
-
-def _exec(code: str, ns: dict) -> dict:
-    ns = dict(ns); exec(compile(code, "readme", "exec"), ns); return ns

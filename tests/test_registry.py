@@ -20,8 +20,8 @@ def _store_file(settings, rel: str) -> Path:
 def small_model():
     "A small real model (2% of January-March), trained once for this module."
     from mlnb.core import Settings
-    from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE
-    from mlnb.validate import FeatureSpec
+    from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE
+    from mlnb.schema import FeatureSpec
     from mlnb.train import train_booster
     df = build_training_set(Settings(), months=(1, 3), sample=0.02)
     spec = FeatureSpec.infer(df, FEATURES, target="delayed", categorical=CATEGORICAL, nullable=NULLABLE)
@@ -94,7 +94,7 @@ def test_unknown_alias_is_a_clear_error(trained_home):
 def test_version_carries_its_data_contract(trained_home):
     "The train pipeline registers the data contract of its training rows inside the hashed bundle."
     import mlflow
-    from mlnb.validate import validate
+    from mlnb.contracts import validate
     b = trained_home.bundle
     c = b.contract
     assert c is not None and set(b.spec.names) <= set(c.features)

@@ -24,32 +24,32 @@ def clean(row: dict, spec) -> dict:
 
 
 def client_for(s):
-    from mlnb.registry import _client
-    return _client(s)
+    from mlnb.registry import ModelRegistry
+    return ModelRegistry(s).client
 
 
 def aliases(s) -> dict:
-    from mlnb.registry import aliases as registry_aliases
-    return registry_aliases(s)
+    from mlnb.registry import ModelRegistry
+    return ModelRegistry(s).aliases()
 
 
 def promote(s) -> None:
     "challenger -> champion (old champion -> previous); forced: these tests have no release gate."
-    from mlnb.registry import promote as registry_promote
-    registry_promote(s, force=True, reason="rollout test")
+    from mlnb.registry import ModelRegistry
+    ModelRegistry(s).promote(force=True, reason="rollout test")
 
 
 def rollback(s) -> None:
     "previous -> champion."
-    from mlnb.registry import rollback as registry_rollback
-    registry_rollback(s, reason="rollout test")
+    from mlnb.registry import ModelRegistry
+    ModelRegistry(s).rollback(reason="rollout test")
 
 
 def set_alias(s, alias: str, version: str) -> None:
     "Move `alias` (the challenger through mlnb.registry.set_challenger, as the evaluate pipeline does)."
     if alias == "challenger":
-        from mlnb.registry import set_challenger
-        set_challenger(s, version, reason="rollout test"); return
+        from mlnb.registry import ModelRegistry
+        ModelRegistry(s).set_challenger(version, reason="rollout test"); return
     client_for(s).set_registered_model_alias(s.model_name, alias, str(version))
 
 

@@ -5,17 +5,17 @@ import numpy as np, polars as pl, pytest
 from conftest import ROOT, make_settings
 from mlnb.train import (time_split, train_booster, cross_validate, time_folds, checkpoint_path, list_checkpoints,
                         binary_metrics, make_params, CheckpointMismatch)
-from mlnb.validate import FeatureSpec
-from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
+from mlnb.schema import FeatureSpec
+from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
 
 # Trains on a 5% sample of months 1-4 with settings from the environment; writes a summary of the result as JSON.
 # Slow enough (low learning rate, one thread) that the test can kill it between checkpoints.
 TRAIN_SCRIPT = r"""
 import hashlib, json, sys
 from mlnb.core import load_settings, write_json
-from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
+from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
 from mlnb.train import time_split, train_booster, checkpoint_path
-from mlnb.validate import FeatureSpec
+from mlnb.schema import FeatureSpec
 run_id, out = sys.argv[1], sys.argv[2]
 s = load_settings()
 frame = build_training_set(s, months=(1, 4), sample=0.05)

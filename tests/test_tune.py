@@ -4,10 +4,10 @@ from pathlib import Path
 import mlflow, optuna, polars as pl, pytest
 from optuna.trial import TrialState
 from conftest import ROOT, make_settings
-from mlnb.features import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
+from mlnb.examples.flights import build_training_set, FEATURES, CATEGORICAL, NULLABLE, TARGET
 from mlnb.train import time_split
 from mlnb.tune import tune, open_storage, default_storage
-from mlnb.validate import FeatureSpec
+from mlnb.schema import FeatureSpec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

@@ -5,10 +5,11 @@ import mlflow, numpy as np, polars as pl, pytest
 from conftest import make_settings
 from mlnb.core import Settings
 from mlnb.audit import read_audit
-from mlnb.features import build_training_set, training_contract, FEATURES, TARGET
+from mlnb.examples.flights import build_training_set, training_contract, FEATURES, TARGET
 from mlnb.pipeline import run_pipeline, list_runs, PipelineError
-from mlnb.validate import (DataContract, ContractError, ContractViolation, DataCheckError, validate, validate_params,
-                           InvalidParameters, check_memory, InsufficientMemory)
+from mlnb.contracts import DataContract, ContractError, ContractViolation, validate
+from mlnb.schema import DataCheckError
+from mlnb.params import validate_params, InvalidParameters, check_memory, InsufficientMemory
 
 COLUMNS = ["sched_dep_ts", *FEATURES, TARGET]
 
