@@ -373,3 +373,22 @@ def test_openapi_fuzzing_of_the_protocol_routes_finds_no_server_error(trained_ho
         assert srv.client.get("/ping").status_code == 200 and "Traceback" not in srv.log()
     finally:
         srv.stop(timeout=20)
+
+
+def test_grpc_with_two_workers_shares_the_port_and_the_metrics(trained_home, bundle, rows, tmp_path):
+    "With 2 uvicorn workers, each serves gRPC on the same port (SO_REUSEPORT); /metrics sums both workers' counts."
+    import tritonclient.grpc as tg
+    from mlnb.prometheus import metric_value
+    env = {**trained_home.env, "MLNB_SERVE_STATE": str(tmp_path/"serving.db"), "MLNB_SERVE_WORKERS": "2"}
+    srv = ProtocolServer(env, find_free_port(), find_free_port(), tmp_path/"server.log").start(timeout=120)
+    try:
+        want = expected(bundle, rows[:10])
+        for i in range(10):                           # a new client (channel) per request
+            with tg.InferenceServerClient(url=f"127.0.0.1:{srv.grpc_port}") as c:
+                got = c.infer(bundle.name, triton_inputs(tg, bundle.spec, rows[i:i + 1])).as_numpy("prediction")
+                assert abs(float(got[0]) - want[i]) <= TOL
+        text = srv.client.get("/metrics").text
+        assert metric_value(text, "mlnb_requests_total", protocol="oip_grpc", status="200") == 10
+        assert srv.log().count("Application startup complete") == 2
+    finally:
+        srv.stop(timeout=30)
