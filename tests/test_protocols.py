@@ -382,6 +382,10 @@ def test_grpc_with_two_workers_shares_the_port_and_the_metrics(trained_home, bun
     env = {**trained_home.env, "MLNB_SERVE_STATE": str(tmp_path/"serving.db"), "MLNB_SERVE_WORKERS": "2"}
     srv = ProtocolServer(env, find_free_port(), find_free_port(), tmp_path/"server.log").start(timeout=120)
     try:
+        deadline = time.monotonic() + 120              # both workers up (each binds the gRPC port once its model loaded)
+        while srv.log().count("Application startup complete") < 2:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.2)
         want = expected(bundle, rows[:10])
         for i in range(10):                           # a new client (channel) per request
             with tg.InferenceServerClient(url=f"127.0.0.1:{srv.grpc_port}") as c:
@@ -389,6 +393,5 @@ def test_grpc_with_two_workers_shares_the_port_and_the_metrics(trained_home, bun
                 assert abs(float(got[0]) - want[i]) <= TOL
         text = srv.client.get("/metrics").text
         assert metric_value(text, "mlnb_requests_total", protocol="oip_grpc", status="200") == 10
-        assert srv.log().count("Application startup complete") == 2
     finally:
         srv.stop(timeout=30)
