@@ -1,0 +1,34 @@
+"""Small synthetic tables for the own-data tests (issue 14), generated deterministically: `python tests/data/make_tables.py`.
+
+Each table is one kind of input a user brings; the committed CSVs are this script's output (seed 14)."""
+from pathlib import Path
+import numpy as np, polars as pl
+
+HERE = Path(__file__).parent
+
+def churn(n: int = 600, seed: int = 14) -> pl.DataFrame:
+    "A yes/no target without a timestamp: numeric, categorical and boolean-free features."
+    rng = np.random.default_rng(seed)
+    tenure = rng.uniform(0, 60, n).round(1)
+    monthly = rng.uniform(10, 120, n).round(2)
+    plan = rng.choice(["basic", "plus", "pro"], n)
+    logit = -0.08 * tenure + 0.03 * monthly + np.where(plan == "basic", 1.0, -0.5) + rng.normal(0, 0.5, n)
+    return pl.DataFrame({"tenure": tenure, "monthly": monthly, "plan": plan,
+                         "churn": np.where(logit > np.median(logit), "yes", "no")})
+
+def tables() -> dict[str, pl.DataFrame]:
+    base = churn()
+    n = base.height
+    null_every = np.arange(n) % 25 == 0                     # 4% of the targets missing
+    late = np.arange(n) >= int(n * 0.8)                      # the last 20% of rows: one class only
+    return {
+        "churn_yesno": base,
+        "churn_bool": base.with_columns(churned=pl.col("churn") == "yes").drop("churn"),
+        "churn_nulltarget": base.with_columns(churn=pl.when(pl.Series(null_every)).then(None).otherwise(pl.col("churn"))),
+        "churn_mostlynull": base.with_columns(churn=pl.when(pl.Series(np.arange(n) % 2 == 0)).then(None).otherwise(pl.col("churn"))),
+        "churn_oneclass": base.with_columns(churn=pl.lit("no")),
+        "churn_lateoneclass": base.with_columns(churn=pl.when(pl.Series(late)).then(pl.lit("no")).otherwise(pl.col("churn"))),
+    }
+
+if __name__ == "__main__":
+    for name, df in tables().items(): df.write_csv(HERE/f"{name}.csv")

@@ -1,0 +1,122 @@
+"""Own tables end to end (issue 14): failed runs leave an honest state (section 4) and targets as users have them
+(section 2), each through the real `mlnb run` command on the small synthetic tables in tests/data/."""
+from __future__ import annotations
+import json, os, subprocess, sys
+from pathlib import Path
+import mlflow, pytest
+from conftest import ROOT, make_settings
+
+DATA = Path(__file__).parent/"data"
+FAST = ["-p", "nthread=1", "-p", "num_boost_round=40", "-p", "checkpoint_every=0"]
+
+
+def mlnb(settings, *args) -> subprocess.CompletedProcess:
+    "The real `mlnb` command line in a subprocess, with `settings` in its environment."
+    env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "mlnb.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{\n"):])
+
+
+def ended(settings, operation="pipeline_run"):
+    from mlnb.audit import read_audit
+    return read_audit(settings, operation=operation, phase="end")
+
+
+def train(settings, table: str, *extra: str, target: str = "churn"):
+    return mlnb(settings, "run", "train", "-p", f"data_path={DATA/table}", "-p", f"target={target}", *FAST, *extra)
+
+
+# --- 4. Failed runs leave an honest state -------------------------------------------------------------------------
+def test_run_help_lists_the_pipeline_parameters(tmp_path):
+    p = mlnb(make_settings(tmp_path), "run", "train", "--help")
+    assert p.returncode == 0, p.stderr
+    assert "usage: mlnb run train" in p.stdout
+    assert "positive_class: str" in p.stdout and 'target: str = ""' in p.stdout and "num_boost_round: int = 500" in p.stdout
+    assert "maximum boosting rounds" in p.stdout          # the help comment of the parameter
+    q = mlnb(make_settings(tmp_path), "run", "evaluate", "-h")
+    assert q.returncode == 0 and "margin: float = 0.0" in q.stdout
+
+
+def test_train_failing_after_its_mlflow_run_opened_leaves_it_failed(tmp_path):
+    s = make_settings(tmp_path)
+    p = train(s, "churn_yesno.csv", "-p", "objective=binary:no-such-objective")
+    assert p.returncode == 1 and "no-such-objective" in p.stderr, p.stderr[-2000:]
+    (end,) = ended(s)
+    assert end["outcome"] == "failure" and "no-such-objective" in end["error"]["message"]
+    status = json.loads(next((s.reports_dir/"train").glob("*/status.json")).read_text())
+    client = mlflow.MlflowClient(s.mlflow_tracking_uri)
+    run = client.get_run(status["metrics"]["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "no-such-objective" in run.data.tags["mlnb.error"]
+
+
+def test_failed_gate_exits_nonzero_with_failure_in_the_audit(tmp_path):
+    s = make_settings(tmp_path)
+    assert train(s, "churn_yesno.csv", "-p", "model_name=churn").returncode == 0
+    assert train(s, "churn_yesno.csv", "-p", "model_name=churn").returncode == 0     # the same model again: no improvement
+    p = mlnb(s, "run", "evaluate", "-p", "model_name=churn", "-p", f"data_path={DATA/'churn_yesno.csv'}",
+             "-p", "n_bootstrap=200", "-p", "min_group_size=20")
+    assert p.returncode == 1, (p.stdout[-2000:], p.stderr[-2000:])
+    assert "GateFailed" in p.stderr and "gate failed for v2" in p.stderr and "auc" in p.stderr
+    end = ended(s)[-1]
+    assert end["outcome"] == "failure" and end["details"]["pipeline"] == "evaluate"
+    assert "gate failed for v2" in end["error"]["message"]
+    gate = [r for r in ended(s, "gate")][-1]       # the decision itself is still recorded on the version
+    assert gate["model_name"] == "churn"
+
+
+# --- 2. Targets as users have them --------------------------------------------------------------------------------
+def test_yes_no_target_trains_with_its_positive_class_stated_and_settable(tmp_path):
+    s = make_settings(tmp_path)
+    p = train(s, "churn_yesno.csv")
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = last_json(p.stdout)["metrics"]
+    assert m["model_name"] == "churn_yesno-churn"                  # derived from the table and target, and printed
+    assert m["target"]["positive_class"] == "yes" and m["target"]["negative_class"] == "no"
+    assert m["test_auc"] > 0.8, m
+    from mlnb.registry import load_model
+    b = load_model(s, "champion", name="churn_yesno-churn")
+    assert b.spec.positive_class == "yes"
+    q = train(s, "churn_yesno.csv", "-p", "positive_class=no", "-p", "model_name=churn-no")
+    mq = last_json(q.stdout)["metrics"]
+    assert mq["target"]["positive_class"] == "no" and mq["test_auc"] > 0.8
+    r = train(s, "churn_yesno.csv", "-p", "positive_class=maybe")
+    assert r.returncode == 1 and "positive_class 'maybe' is not a value" in r.stderr
+
+
+def test_boolean_target(tmp_path):
+    p = train(make_settings(tmp_path), "churn_bool.csv", target="churned")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert last_json(p.stdout)["metrics"]["target"]["positive_class"] == "true"
+
+
+def test_null_targets_are_dropped_and_counted_or_refused_above_the_limit(tmp_path):
+    s = make_settings(tmp_path)
+    p = train(s, "churn_nulltarget.csv")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert last_json(p.stdout)["metrics"]["target"]["dropped_nulls"] == 24
+    q = train(s, "churn_mostlynull.csv")
+    assert q.returncode == 1 and "null in 300 of 600 rows" in q.stderr and "MLNB_MAX_NULL_FRACTION" in q.stderr
+    assert "Label contains NaN" not in q.stderr
+
+
+def test_single_class_is_refused_before_training(tmp_path):
+    s = make_settings(tmp_path)
+    p = train(s, "churn_oneclass.csv")
+    assert p.returncode == 1 and "single class ('no')" in p.stderr and "add rows of the other class" in p.stderr
+    assert mlflow.MlflowClient(s.mlflow_tracking_uri).search_registered_models() == []
+    assert "mlflow_run_id" not in json.loads(next((s.reports_dir/"train").glob("*/status.json")).read_text())["metrics"]
+
+
+def test_one_class_test_window_is_na_and_never_champion(tmp_path):
+    s = make_settings(tmp_path)
+    p = train(s, "churn_lateoneclass.csv", "-p", "model_name=late")
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = last_json(p.stdout)["metrics"]
+    assert m["test_auc"] == "n/a" and "one class" in m["test_undefined"]["auc"]
+    assert isinstance(m["test_logloss"], float)                    # the defined metrics are still there
+    from mlnb.registry import ModelRegistry
+    assert ModelRegistry(s, "late").current_version("champion") is None
