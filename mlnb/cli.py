@@ -267,7 +267,8 @@ def cmd_demo(args, settings: Settings) -> int:
 DELEGATED = {"models": ("mlnb.registry", "models_cli", "list, show, promote, rollback and model cards"),
              "tune": ("mlnb.tune", "main", "Optuna hyperparameter search (parallel workers)"),
              "predict": ("mlnb.batch", "predict_cli", "batch scoring of a CSV/Parquet file"),
-             "features": ("mlnb.features", "features_cli", "feature views, materialization, online store")}
+             "features": ("mlnb.features", "features_cli", "feature views, materialization, online store"),
+             "ab": ("mlnb.abtest", "ab_cli", "A/B experiments between model versions: design, start, status, stop")}
 
 def _delegate(module: str, func: str, argv: list[str], command: str) -> int:
     import importlib
