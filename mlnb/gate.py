@@ -12,11 +12,11 @@ from .core import parse_range
 from .metrics import Comparison, fmt_diff, fmt_value, jsonable
 from .robustness import RobustnessReport
 from .train import ordered_split
-from .schema import FeatureSpec
+from .schema import FeatureSpec, schema_changes
 
 # %% auto #0
 __all__ = ['GateCheck', 'GateResult', 'GateFailed', 'gate', 'heldout_from_table', 'check_heldout', 'window_checks',
-           'gate_without_champion']
+           'gate_without_champion', 'schema_check']
 
 # %% ../nbs/34_gate.ipynb #8e67a599
 @dataclass
@@ -174,3 +174,13 @@ def gate_without_champion(candidate_version: str, champion_version: str | None, 
                                                                              else "; ".join(robustness.failures))),
               *extra_checks]
     return GateResult(all(c.passed for c in checks), checks, primary)
+
+# %% ../nbs/34_gate.ipynb #e2472963
+def schema_check(candidate: FeatureSpec, champion: FeatureSpec | None, allow_schema_change: bool = False) -> GateCheck:
+    "A `GateCheck` on the candidate's input schema against the champion's (passes with no champion, or when declared)."
+    changes = schema_changes(champion, candidate) if champion is not None else []
+    if not changes: return GateCheck("schema", True, "input schema: the champion's")
+    what = "; ".join(changes)
+    if allow_schema_change: return GateCheck("schema", True, f"input schema changed, declared (allow_schema_change): {what}")
+    return GateCheck("schema", False, f"input schema differs from the champion's ({what}): clients would break; declare "
+                     "it with -p allow_schema_change=true (audited), or train with the champion's columns")

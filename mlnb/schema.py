@@ -14,7 +14,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['NULL_PROBLEM', 'MISSING_PROBLEM', 'kind_of', 'value_problem', 'DataCheckError', 'check_frame', 'InvalidRecord',
-           'FeatureDef', 'FeatureSpec', 'check_frame_records', 'TargetError', 'TargetInfo', 'prepare_target']
+           'FeatureDef', 'FeatureSpec', 'check_frame_records', 'TargetError', 'TargetInfo', 'prepare_target',
+           'schema_changes']
 
 # %% ../nbs/11_schema.ipynb #a877c653
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -292,3 +293,14 @@ def encode_target(self: FeatureSpec, frame: pl.DataFrame) -> pl.DataFrame:
     if self.task == "binary" and self.positive_class is not None:
         return frame.with_columns((_as_text(frame[self.target]) == self.positive_class).cast(pl.Float64).alias(self.target))
     return frame.with_columns(pl.col(self.target).cast(pl.Float64))
+
+# %% ../nbs/11_schema.ipynb #872155f1
+def schema_changes(old: FeatureSpec, new: FeatureSpec) -> list[str]:
+    "What differs between the input schema of `old` and `new` (empty when a client of `old` can call `new` unchanged)."
+    out = [f"{k} {getattr(old, k)!r} -> {getattr(new, k)!r}" for k in ("target", "task", "positive_class")
+           if getattr(old, k) != getattr(new, k)]
+    o, n = {f.name: f for f in old.features}, {f.name: f for f in new.features}
+    if added := [c for c in n if c not in o]: out.append(f"feature(s) added: {', '.join(added)}")
+    if removed := [c for c in o if c not in n]: out.append(f"feature(s) removed: {', '.join(removed)}")
+    out += [f"feature {c!r}: kind {o[c].kind} -> {n[c].kind}" for c in o if c in n and o[c].kind != n[c].kind]
+    return out
