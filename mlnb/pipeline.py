@@ -202,6 +202,7 @@ def run_pipeline(name: str, params: dict | None = None, settings: Settings | Non
         except Exception as e: run.metrics.setdefault("_warnings", []).append(f"could not attach report to MLflow: {e}")
         rec.metrics.update({k: v for k, v in run.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if "model_version" in run.metrics: rec.model_version = run.metrics["model_version"]
+        if isinstance(run.metrics.get("model_name"), str): rec.model_name = run.metrics["model_name"]
         if run.outcome == "failure":
             raise PipelineError(f"pipeline {name} failed: {run.error['type']}: {run.error['message']}\n"
                                 f"executed notebook (with the failing cell): {run.notebook}", run)

@@ -46,7 +46,7 @@ def test_train_failing_after_its_mlflow_run_opened_leaves_it_failed(tmp_path):
     p = train(s, "churn_yesno.csv", "-p", "objective=binary:no-such-objective")
     assert p.returncode == 1 and "no-such-objective" in p.stderr, p.stderr[-2000:]
     (end,) = ended(s)
-    assert end["outcome"] == "failure" and "no-such-objective" in end["error"]["message"]
+    assert end["outcome"] == "failure" and "no-such-objective" in end["error_detail"]["message"]
     status = json.loads(next((s.reports_dir/"train").glob("*/status.json")).read_text())
     client = mlflow.MlflowClient(s.mlflow_tracking_uri)
     run = client.get_run(status["metrics"]["mlflow_run_id"])
@@ -63,7 +63,7 @@ def test_failed_gate_exits_nonzero_with_failure_in_the_audit(tmp_path):
     assert "GateFailed" in p.stderr and "gate failed for v2" in p.stderr and "auc" in p.stderr
     end = ended(s)[-1]
     assert end["outcome"] == "failure" and end["details"]["pipeline"] == "evaluate"
-    assert "gate failed for v2" in end["error"]["message"]
+    assert "gate failed for v2" in end["error_detail"]["message"]
     gate = [r for r in ended(s, "gate")][-1]       # the decision itself is still recorded on the version
     assert gate["model_name"] == "churn"
 
@@ -120,3 +120,39 @@ def test_one_class_test_window_is_na_and_never_champion(tmp_path):
     assert isinstance(m["test_logloss"], float)                    # the defined metrics are still there
     from mlnb.registry import ModelRegistry
     assert ModelRegistry(s, "late").current_version("champion") is None
+
+
+# --- 1. One project, several models -------------------------------------------------------------------------------
+def test_two_tables_are_two_models_and_a_name_keeps_its_target(tmp_path):
+    s = make_settings(tmp_path)
+    a = train(s, "churn_yesno.csv")
+    b = train(s, "shop_sales.csv", "-p", "task=regression", target="amount")
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr[-2000:], b.stderr[-2000:])
+    assert last_json(b.stdout)["metrics"]["model_name"] == "shop_sales-amount"      # derived, shown in the run summary
+    from mlnb.registry import ModelRegistry
+    assert ModelRegistry(s, "churn_yesno-churn").aliases() == {"champion": "1"}
+    assert ModelRegistry(s, "shop_sales-amount").aliases() == {"champion": "1"}
+    client = mlflow.MlflowClient(s.mlflow_tracking_uri)
+    assert {"churn_yesno-churn", "shop_sales-amount"} <= {e.name for e in client.search_experiments()}   # one experiment per model
+    run = client.get_run(last_json(b.stdout)["metrics"]["mlflow_run_id"])
+    assert run.data.params["target"] == "amount" and run.data.params["task"] == "regression"
+    assert "months" not in run.data.params and "cancelled" not in run.data.params          # no demo parameters
+    c = train(s, "shop_sales.csv", "-p", "task=regression", "-p", "model_name=churn_yesno-churn", target="amount")
+    assert c.returncode == 1 and "versions of one name must share target and task" in c.stderr
+    assert "-p model_name=" in c.stderr and "mlflow_run_id" not in c.stdout
+    assert ModelRegistry(s, "churn_yesno-churn").latest_version() == "1"
+
+
+def test_schema_change_is_refused_by_the_gate_and_by_forced_promotion_unless_declared(tmp_path):
+    s = make_settings(tmp_path)
+    assert train(s, "churn_yesno.csv", "-p", "model_name=c").returncode == 0
+    assert train(s, "churn_extra.csv", "-p", "model_name=c").returncode == 0           # v2 has a new column `region`
+    ev = mlnb(s, "run", "evaluate", "-p", "model_name=c", "-p", f"data_path={DATA/'churn_extra.csv'}", "-p", "n_bootstrap=100")
+    assert ev.returncode == 1 and "input schema differs" in ev.stderr and "feature(s) added: region" in ev.stderr
+    pr = mlnb(s, "models", "--name", "c", "promote", "--version", "2", "--force")
+    assert pr.returncode == 1 and "input schema differs from champion v1" in pr.stderr and "--allow-schema-change" in pr.stderr
+    ok = mlnb(s, "models", "--name", "c", "promote", "--version", "2", "--force", "--allow-schema-change", "--reason", "new column")
+    assert ok.returncode == 0, ok.stderr
+    end = ended(s, "promote")[-1]
+    assert end["outcome"] == "success" and end["details"]["schema_changes"] == ["feature(s) added: region"]
+    assert end["details"]["schema_change_allowed"] is True

@@ -16,6 +16,12 @@ def churn(n: int = 600, seed: int = 14) -> pl.DataFrame:
     return pl.DataFrame({"tenure": tenure, "monthly": monthly, "plan": plan,
                          "churn": np.where(logit > np.median(logit), "yes", "no")})
 
+def shop_sales(n: int = 500, seed: int = 15) -> pl.DataFrame:
+    "A regression target in another table of the same project."
+    rng = np.random.default_rng(seed)
+    x, shop = rng.normal(size=n).round(3), rng.choice(["north", "south"], n)
+    return pl.DataFrame({"x": x, "shop": shop, "amount": (2 * x + (shop == "north") + rng.normal(0, 0.1, n)).round(3)})
+
 def tables() -> dict[str, pl.DataFrame]:
     base = churn()
     n = base.height
@@ -27,6 +33,8 @@ def tables() -> dict[str, pl.DataFrame]:
         "churn_nulltarget": base.with_columns(churn=pl.when(pl.Series(null_every)).then(None).otherwise(pl.col("churn"))),
         "churn_mostlynull": base.with_columns(churn=pl.when(pl.Series(np.arange(n) % 2 == 0)).then(None).otherwise(pl.col("churn"))),
         "churn_oneclass": base.with_columns(churn=pl.lit("no")),
+        "churn_extra": base.with_columns(region=pl.Series(np.random.default_rng(16).choice(["e", "w"], n))),
+        "shop_sales": shop_sales(),
         "churn_lateoneclass": base.with_columns(churn=pl.when(pl.Series(late)).then(pl.lit("no")).otherwise(pl.col("churn"))),
     }
 
