@@ -383,7 +383,7 @@ def drift_from_predictions(settings: Settings, reference, spec: FeatureSpec | No
         spec = spec or reference.spec
         ctx.update(model_name=reference.name, reference_version=str(reference.version))
         reference = reference_frame(reference)
-    log = read_predictions(settings, since=since, until=until)
+    log = read_predictions(settings, since=since, until=until, model_name=ctx.get("model_name"))   # this model's rows only
     if model_version is not None: log = log.filter(pl.col("model_version") == str(model_version))
     if log.height == 0:
         raise ValueError(f"no predictions logged{f' since {since}' if since else ''}"

@@ -238,8 +238,8 @@ def part_files(settings: Settings, since=None, until=None) -> list[Path]:
         out += sorted(p for p in d.glob("part-*.parquet") if p.is_file())
     return out
 
-def read_predictions(settings: Settings, since=None, until=None) -> pl.DataFrame:
-    "All logged predictions with `since <= ts < until`, sorted by `ts`."
+def read_predictions(settings: Settings, since=None, until=None, model_name: str | None = None) -> pl.DataFrame:
+    "All logged predictions with `since <= ts < until` (of model `model_name` only, when given), sorted by `ts`."
     frames = []
     for p in part_files(settings, since, until):
         try: frames.append(pl.read_parquet(p))
@@ -249,4 +249,7 @@ def read_predictions(settings: Settings, since=None, until=None) -> pl.DataFrame
     df = pl.concat(frames, how="diagonal_relaxed")
     if since is not None: df = df.filter(pl.col("ts") >= _to_utc(since))
     if until is not None: df = df.filter(pl.col("ts") < _to_utc(until))
+    if model_name is not None:   # one project, several models: another model's rows (and columns) are not this one's
+        df = df.filter(pl.col("model_name") == model_name)
+        df = df.select([c for c in df.columns if c in BASE_SCHEMA or df[c].null_count() < df.height])
     return df.sort("ts", maintain_order=True)
