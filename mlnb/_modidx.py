@@ -845,6 +845,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlnb.schema._as_text': ('schema.html#_as_text', 'mlnb/schema.py'),
                              'mlnb.schema.check_frame': ('schema.html#check_frame', 'mlnb/schema.py'),
                              'mlnb.schema.check_frame_records': ('schema.html#check_frame_records', 'mlnb/schema.py'),
+                             'mlnb.schema.check_servable': ('schema.html#check_servable', 'mlnb/schema.py'),
                              'mlnb.schema.kind_of': ('schema.html#kind_of', 'mlnb/schema.py'),
                              'mlnb.schema.prepare_target': ('schema.html#prepare_target', 'mlnb/schema.py'),
                              'mlnb.schema.schema_changes': ('schema.html#schema_changes', 'mlnb/schema.py'),

@@ -13,9 +13,9 @@ import polars as pl
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['NULL_PROBLEM', 'MISSING_PROBLEM', 'kind_of', 'value_problem', 'DataCheckError', 'check_frame', 'InvalidRecord',
-           'FeatureDef', 'FeatureSpec', 'check_frame_records', 'TargetError', 'TargetInfo', 'prepare_target',
-           'schema_changes']
+__all__ = ['NULL_PROBLEM', 'MISSING_PROBLEM', 'RESERVED_NAMES', 'kind_of', 'value_problem', 'DataCheckError', 'check_frame',
+           'InvalidRecord', 'FeatureDef', 'FeatureSpec', 'check_frame_records', 'TargetError', 'TargetInfo',
+           'prepare_target', 'schema_changes', 'check_servable']
 
 # %% ../nbs/11_schema.ipynb #a877c653
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -66,6 +66,8 @@ def check_frame(frame: pl.DataFrame, expected: Mapping[str, str], max_null_fract
             problems.append(f"column '{col}' is missing (expected {kind})"); continue
         dt = frame.schema[col]
         if kind_of(dt) != kind: problems.append(f"column '{col}' has type {dt}, expected {kind}")
+        elif kind == "num" and dt.is_float() and (n_inf := int(frame[col].is_infinite().sum())):
+            problems.append(f"column '{col}' has {n_inf:,} infinite value(s) (inf/-inf): replace them with a number or leave them empty")
     if frame.height and problems == []:
         nulls = frame.select(pl.col(c).null_count() for c in expected).row(0, named=True)
         for col, n in nulls.items():
@@ -212,7 +214,7 @@ def check_frame_records(spec: FeatureSpec, df, offset: int = 0):
     for f in spec.features:
         s = df[f.name]
         if f.kind == "num":
-            if s.dtype == pl.Null: s = s.cast(pl.Float64)
+            if s.dtype in (pl.Null, pl.Boolean): s = s.cast(pl.Float64)   # an all-empty column; booleans are 0/1
             if not s.dtype.is_numeric(): raise InvalidRecord(f.name, f"column has type {s.dtype}; expected numbers")
             v = s.cast(pl.Float64)
             null = v.is_null().to_numpy()
@@ -304,3 +306,16 @@ def schema_changes(old: FeatureSpec, new: FeatureSpec) -> list[str]:
     if removed := [c for c in o if c not in n]: out.append(f"feature(s) removed: {', '.join(removed)}")
     out += [f"feature {c!r}: kind {o[c].kind} -> {n[c].kind}" for c in o if c in n and o[c].kind != n[c].kind]
     return out
+
+# %% ../nbs/11_schema.ipynb #924cc2b2
+RESERVED_NAMES = ("request_id", "ts", "model_name", "model_version", "arm", "entity", "latency_ms", "prediction")
+
+def check_servable(names: Iterable[str]) -> None:
+    "Raise `DataCheckError` for feature names XGBoost or the prediction log cannot hold, naming each and the fix."
+    problems = []
+    for n in names:
+        if bad := [ch for ch in "[]<," if ch in n]:
+            problems.append(f"column {n!r} contains {' '.join(bad)}, which XGBoost does not accept in a feature name: rename it")
+        if n in RESERVED_NAMES:
+            problems.append(f"column {n!r} is one of the prediction log's own columns ({', '.join(RESERVED_NAMES)}): rename it")
+    if problems: raise DataCheckError("the feature names", problems)
