@@ -20,7 +20,7 @@ def _reader(path: Path, chunk: int, spec=None):
     suf = path.suffix.lower()
     if suf == ".parquet": lf = pl.scan_parquet(path)
     elif suf in (".csv", ".txt", ".gz"):   # parsed with the model's schema, never re-inferred (an all-empty column is null)
-        types = {f.name: pl.String if f.kind == "cat" else pl.Float64 for f in spec.features} if spec is not None else None
+        types = {f.name: pl.String for f in spec.features if f.kind == "cat"} if spec is not None else None
         lf = pl.scan_csv(path, infer_schema_length=10_000, schema_overrides=types, null_values=list(NULL_MARKERS))
     else: raise ValueError(f"{path}: unknown file type {suf!r}; use .csv or .parquet")
     return lf.collect_batches(chunk_size=chunk)

@@ -168,6 +168,8 @@ def encode_frame(self: FeatureSpec, frame) -> np.ndarray:
         if f.kind == "cat":
             s = s.cast(pl.String).replace_strict(self._codes[f.name], default=None, return_dtype=pl.Float32)
         else:
+            if s.dtype in (pl.Null, pl.Boolean) or (s.dtype == pl.String and s.null_count() == s.len()):
+                s = s.cast(pl.Float32)      # all empty (nulls whatever the inferred type) or booleans (0/1)
             if kind_of(s.dtype) != "num": raise InvalidRecord(f.name, f"has type {s.dtype}; expected a number")
             s = s.cast(pl.Float32)
         cols.append(s.fill_null(float("nan")).to_numpy())
@@ -214,7 +216,8 @@ def check_frame_records(spec: FeatureSpec, df, offset: int = 0):
     for f in spec.features:
         s = df[f.name]
         if f.kind == "num":
-            if s.dtype in (pl.Null, pl.Boolean): s = s.cast(pl.Float64)   # an all-empty column; booleans are 0/1
+            if s.dtype in (pl.Null, pl.Boolean) or (s.dtype == pl.String and s.null_count() == s.len()):
+                s = s.cast(pl.Float64)      # a column empty in every row is nulls, whatever its inferred type; booleans are 0/1
             if not s.dtype.is_numeric(): raise InvalidRecord(f.name, f"column has type {s.dtype}; expected numbers")
             v = s.cast(pl.Float64)
             null = v.is_null().to_numpy()

@@ -156,3 +156,40 @@ def test_schema_change_is_refused_by_the_gate_and_by_forced_promotion_unless_dec
     end = ended(s, "promote")[-1]
     assert end["outcome"] == "success" and end["details"]["schema_changes"] == ["feature(s) added: region"]
     assert end["details"]["schema_change_allowed"] is True
+
+
+# --- 3. Column types and names ------------------------------------------------------------------------------------
+def test_messy_table_nulls_booleans_dates_and_a_batch_file_with_an_empty_column(tmp_path):
+    s = make_settings(tmp_path, model_name="messy")
+    p = train(s, "messy.csv", "-p", "model_name=messy")
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = last_json(p.stdout)["metrics"]
+    assert m["excluded_columns"] == ["signup"] and m["test_auc"] > 0.8, m
+    from mlnb.registry import load_model
+    spec = load_model(s, "champion", name="messy").spec
+    assert spec["tenure"].kind == "num" and spec["tenure"].nullable          # NA, N/A and empty are nulls, not categories
+    assert spec["active"].kind == "num" and "signup" not in spec.names        # a boolean is 0/1; the date is excluded
+    rows = ["tenure,monthly,plan,active"] + [f",{40 + i},basic,{'true' if i % 2 else 'false'}" for i in range(5)]
+    (tmp_path/"batch.csv").write_text("\n".join(rows) + "\n")                 # tenure empty in every row
+    b = mlnb(s, "predict", "--input", str(tmp_path/"batch.csv"), "--output", str(tmp_path/"out.csv"), "--quiet")
+    assert b.returncode == 0, b.stderr
+    assert json.loads(b.stdout.strip().splitlines()[-1])["rows"] == 5
+
+
+def test_unservable_names_and_infinite_values_are_refused_at_training_naming_the_column(tmp_path):
+    s = make_settings(tmp_path)
+    p = train(s, "badnames.csv")
+    assert p.returncode == 1 and "'tenure[months]' contains [ ]" in p.stderr and "'entity' is one of the prediction log" in p.stderr
+    q = train(s, "with_inf.csv")
+    assert q.returncode == 1 and "column 'monthly' has 12 infinite value(s)" in q.stderr
+    assert mlflow.MlflowClient(s.mlflow_tracking_uri).search_registered_models() == []
+
+
+def test_time_column_in_text_needs_and_takes_a_time_format(tmp_path):
+    s = make_settings(tmp_path)
+    args = ["-p", "time_column=month", "-p", "task=regression"]
+    p = train(s, "monthly_text.csv", *args, target="y")
+    assert p.returncode == 1 and "'Jan-2010'" in p.stderr and "-p time_format=" in p.stderr
+    q = train(s, "monthly_text.csv", *args, "-p", "time_format=%b-%Y", target="y")
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert last_json(q.stdout)["metrics"]["test_r2"] > 0.9

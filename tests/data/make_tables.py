@@ -22,6 +22,27 @@ def shop_sales(n: int = 500, seed: int = 15) -> pl.DataFrame:
     x, shop = rng.normal(size=n).round(3), rng.choice(["north", "south"], n)
     return pl.DataFrame({"x": x, "shop": shop, "amount": (2 * x + (shop == "north") + rng.normal(0, 0.1, n)).round(3)})
 
+def messy(n: int = 600, seed: int = 17) -> str:
+    "CSV text of a table as users have it: NA/N/A/empty markers in a numeric column, a boolean, a date column."
+    df = churn(n, seed)
+    rng = np.random.default_rng(seed)
+    active = rng.random(n) < 0.5
+    signup = [f"2020-{1 + i % 12:02d}-{1 + i % 28:02d}" for i in range(n)]
+    markers = ["NA", "N/A", ""]
+    tenure = [markers[i % 3] if i % 10 == 0 else str(v) for i, v in enumerate(df["tenure"].to_list())]
+    lines = ["tenure,monthly,plan,active,signup,churn"]
+    lines += [",".join([t, str(m), p, str(a).lower(), d, c]) for t, m, p, a, d, c in
+              zip(tenure, df["monthly"], df["plan"], active, signup, df["churn"])]
+    return "\n".join(lines) + "\n"
+
+def monthly_text(n: int = 400, seed: int = 18) -> pl.DataFrame:
+    "A regression whose time column is text such as Mar-2018."
+    rng = np.random.default_rng(seed)
+    months = [f"{m}-{2010 + i // 12 % 30}" for i, m in enumerate(["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug",
+                                                                  "Sep", "Oct", "Nov", "Dec"] * (n // 12 + 1))][:n]
+    x = rng.normal(size=n).round(3)
+    return pl.DataFrame({"month": months, "x": x, "y": (3 * x + rng.normal(0, 0.1, n)).round(3)})
+
 def tables() -> dict[str, pl.DataFrame]:
     base = churn()
     n = base.height
@@ -35,8 +56,12 @@ def tables() -> dict[str, pl.DataFrame]:
         "churn_oneclass": base.with_columns(churn=pl.lit("no")),
         "churn_extra": base.with_columns(region=pl.Series(np.random.default_rng(16).choice(["e", "w"], n))),
         "shop_sales": shop_sales(),
+        "monthly_text": monthly_text(),
+        "badnames": base.rename({"tenure": "tenure[months]", "monthly": "entity"}),
+        "with_inf": base.with_columns(monthly=pl.when(pl.Series(np.arange(n) % 50 == 0)).then(float("inf")).otherwise(pl.col("monthly"))),
         "churn_lateoneclass": base.with_columns(churn=pl.when(pl.Series(late)).then(pl.lit("no")).otherwise(pl.col("churn"))),
     }
 
 if __name__ == "__main__":
     for name, df in tables().items(): df.write_csv(HERE/f"{name}.csv")
+    (HERE/"messy.csv").write_text(messy())
