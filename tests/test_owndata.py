@@ -193,3 +193,27 @@ def test_time_column_in_text_needs_and_takes_a_time_format(tmp_path):
     q = train(s, "monthly_text.csv", *args, "-p", "time_format=%b-%Y", target="y")
     assert q.returncode == 0, q.stderr[-3000:]
     assert last_json(q.stdout)["metrics"]["test_r2"] > 0.9
+
+
+# --- 6. Honest artifacts ------------------------------------------------------------------------------------------
+def test_validate_honours_the_null_limit_and_warns_of_leakage(tmp_path):
+    strict = make_settings(tmp_path/"strict", max_null_fraction=0.05)
+    p = mlnb(strict, "run", "validate", "-p", f"data_path={DATA/'messy.csv'}", "-p", "target=churn")
+    assert p.returncode == 1 and "tenure" in p.stderr and "missing" in p.stderr, p.stderr[-2000:]
+    q = mlnb(make_settings(tmp_path/"leaky"), "run", "validate", "-p", f"data_path={DATA/'churn_leaky.csv'}", "-p", "target=churn")
+    assert q.returncode == 0, q.stderr[-2000:]
+    (w,) = last_json(q.stdout)["metrics"]["leakage_warnings"]
+    assert "'cancel_code' alone predicts the target with AUC 1.000" in w
+
+
+def test_leaky_feature_is_warned_in_training_and_in_the_card(tmp_path):
+    s = make_settings(tmp_path)
+    p = train(s, "churn_leaky.csv", "-p", "model_name=leaky")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert any("cancel_code" in w for w in last_json(p.stdout)["metrics"]["leakage_warnings"])
+    ev = mlnb(s, "run", "evaluate", "-p", "model_name=leaky", "-p", f"data_path={DATA/'churn_leaky.csv'}", "-p", "n_bootstrap=100")
+    assert ev.returncode == 1 and "there is no champion" not in ev.stderr      # v1 is the champion: nothing to compare, a failed gate
+    status = json.loads(next((s.reports_dir/"evaluate").glob("*/status.json")).read_text())
+    card = Path(status["metrics"]["card_md"]).read_text()
+    assert "Warning: possible leakage: feature 'cancel_code'" in card
+    assert "window (months)" not in card and "Probabilities are calibrated" in card and "- **target**: churn" in card and "champion version None" not in card

@@ -59,6 +59,7 @@ def tables() -> dict[str, pl.DataFrame]:
         "monthly_text": monthly_text(),
         "badnames": base.rename({"tenure": "tenure[months]", "monthly": "entity"}),
         "with_inf": base.with_columns(monthly=pl.when(pl.Series(np.arange(n) % 50 == 0)).then(float("inf")).otherwise(pl.col("monthly"))),
+        "churn_leaky": base.with_columns(cancel_code=pl.when(pl.col("churn") == "yes").then(pl.lit("C1")).otherwise(pl.lit("none"))),
         "churn_lateoneclass": base.with_columns(churn=pl.when(pl.Series(late)).then(pl.lit("no")).otherwise(pl.col("churn"))),
     }
 
