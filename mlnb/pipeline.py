@@ -186,7 +186,9 @@ def run_pipeline(name: str, params: dict | None = None, settings: Settings | Non
             with _environ({**settings.to_env(), **child_env()}):   # the kernel continues this audit context
                 pm.execute_notebook(str(path), str(run.notebook), parameters=injected,
                                     kernel_name=kernel_name or settings.kernel_name, cwd=str(settings.root),
-                                    progress_bar=False, log_output=log_output)
+                                    progress_bar=False, log_output=log_output,
+                                    # quiet kernel: no TCP-encryption warning, no "KeyboardInterrupt caught" at shutdown
+                                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
             run.outcome = "success"
         except Exception as e:
             run.outcome = "failure"
