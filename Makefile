@@ -18,10 +18,13 @@ $(VENV)/.installed: uv.lock pyproject.toml
 	@touch $@
 
 # Debian packages: chromium (browser test of the app), redis-server (online store test), wrk (serving benchmark),
-# gcc (the server compiles trees to C with tl2cgen; without it, it serves with XGBoost).
+# gcc (the server compiles trees to C with tl2cgen; without it, it serves with XGBoost), postgresql (MLflow, Optuna and
+# serving state on PostgreSQL: the tests start throwaway clusters; its binaries live in /usr/lib/postgresql/*/bin,
+# not on PATH) and haproxy (serving replicas behind a load balancer).
 system-deps:
-	@missing=""; for p in chromium:chromium redis-server:redis-server wrk:wrk gcc:gcc; do \
+	@missing=""; for p in chromium:chromium redis-server:redis-server wrk:wrk gcc:gcc haproxy:haproxy; do \
 	  command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p##*:}"; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
