@@ -7,7 +7,7 @@ BIN   := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: setup system-deps refs demo test check-clean check-export lint nbtest pytest export clean-pipelines lab app serve
+.PHONY: setup system-deps refs demo test check-clean check-export lint nbtest pytest export clean-pipelines lab app serve proto
 
 setup: $(VENV)/.installed
 
@@ -84,6 +84,10 @@ pytest: setup .refs/evidently/.installed
 # Developer conveniences
 export: setup
 	$(BIN)/nbdev-export && $(BIN)/nbdev-clean && $(MAKE) --no-print-directory clean-pipelines
+
+# The gRPC modules generated from mlnb/proto/grpc_predict_v2.proto (committed; tests/test_protocols.py checks them)
+proto: setup
+	$(BIN)/python -c "from mlnb.grpc_server import generate_stubs, PROTO_DIR; generate_stubs(PROTO_DIR)"
 
 clean-pipelines: setup
 	$(BIN)/jupyter nbconvert --clear-output --inplace nbs/pipelines/*.ipynb 2>/dev/null

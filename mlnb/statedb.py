@@ -9,9 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 import sqlalchemy as sa
 from .core import ensure_dir
+from urllib.parse import urlsplit, urlunsplit
 
 # %% auto #0
-__all__ = ['state_url', 'is_sqlite', 'sqlite_path', 'state_engine', 'write_tx', 'create_tables', 'dispose_all']
+__all__ = ['state_url', 'is_sqlite', 'sqlite_path', 'state_engine', 'write_tx', 'create_tables', 'dispose_all', 'redact_url']
 
 # %% ../nbs/03_statedb.ipynb #1ef7c85b
 def state_url(value: str | Path | None, default: Path | str) -> str:
@@ -72,3 +73,10 @@ def dispose_all() -> None:
     with _LOCK:
         for eng in _ENGINES.values(): eng.dispose()
         _ENGINES.clear()
+
+# %% ../nbs/03_statedb.ipynb #dd84a571
+def redact_url(url: str) -> str:
+    "`url` without its password (for logs, audit records and tags)."
+    p = urlsplit(str(url))
+    if p.password: return urlunsplit(p._replace(netloc=p.netloc.replace(f":{p.password}@", ":***@")))
+    return str(url)
