@@ -32,7 +32,8 @@ else:
 
 st.subheader("Global feature importance")
 st.caption("Mean absolute SHAP value (XGBoost TreeSHAP) over the reference sample saved with the model, "
-           "in log-odds: how much each feature moves a prediction on average.")
+           + ("in log-odds" if bundle.spec.task == "binary" else f"in the units of {bundle.spec.target}")
+           + ": how much each feature moves a prediction on average.")
 imp = lib.shap_importance(bundle, str(s.home), bundle.name, bundle.version)
 fig = px.bar(imp.sort("mean_abs_shap").to_pandas(), x="mean_abs_shap", y="feature", orientation="h",
              labels={"mean_abs_shap": "mean |SHAP|", "feature": ""}, height=max(300, 24 * imp.height + 80))
