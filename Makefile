@@ -73,7 +73,7 @@ nbtest: setup
 	$(BIN)/nbdev-test --n-workers 2 --timing
 
 pytest: setup .refs/evidently/.installed
-	$(BIN)/pytest tests -q
+	$(BIN)/pytest tests -q --durations=15
 
 # Evidently 0.7 in its own virtualenv (it pins pandas < 3): tests and `mlnb bench monitor` compare against it.
 .refs/evidently/.installed:
