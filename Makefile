@@ -7,7 +7,7 @@ BIN   := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: setup system-deps demo test check-clean check-export lint nbtest pytest export clean-pipelines lab app serve screenshots bench-app
+.PHONY: setup system-deps refs demo test check-clean check-export lint nbtest pytest export clean-pipelines lab app serve screenshots bench-app
 
 setup: $(VENV)/.installed
 
@@ -29,13 +29,24 @@ demo: setup
 	$(BIN)/mlnb demo
 
 # The README's test command. Order: notebooks clean, package in sync, layer contracts, inline notebook tests, pytest.
-test: setup system-deps check-clean check-export lint nbtest pytest
+test: setup system-deps refs check-clean check-export lint nbtest pytest
 
 # $(call unchanged,FIND-ARGS,COMMAND,MESSAGE): fail when COMMAND changes any file that `find FIND-ARGS` lists.
 define unchanged
 	@sum() { find $(1) -print0 | sort -z | xargs -0 sha256sum; }; before=$$(sum); $(2) || exit 1; \
 	if [ "$$before" != "$$(sum)" ]; then echo "$(3): run 'make export' and commit"; exit 1; fi
 endef
+
+# Reference implementations in their own small virtualenvs (they pin old stacks), run by tests and benchmarks as
+# subprocesses on the same inputs: GrowthBook's gbstats 0.8.0 needs pandas < 2 (it pulls pandas 1.5.3, numpy 1.26).
+refs: .refs/gbstats/.installed
+
+.refs/gbstats/.installed:
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	uv venv --quiet --allow-existing .refs/gbstats --python 3.11
+	uv pip install --quiet --python .refs/gbstats/bin/python "gbstats==0.8.0" "pandas<2" "numpy<2"
+	.refs/gbstats/bin/python -c "import gbstats.frequentist.tests, gbstats.utils"
+	@touch $@
 
 check-clean: setup
 	$(call unchanged,nbs -name '*.ipynb',$(BIN)/nbdev-clean,nbdev-clean changed notebooks)

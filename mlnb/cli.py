@@ -4,11 +4,11 @@
 
 # %% ../nbs/60_cli.ipynb #bd51e59a
 from __future__ import annotations
-import argparse, json, os, signal, socket, subprocess, sys, time
+import argparse, json, os, shlex, signal, socket, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from .core import Settings, load_settings
-from .audit import read_audit, audited
+from .audit import read_audit, audited, audit_query, verify, AuditLog, correlation, ChangeTicketRequired
 
 # %% auto #0
 __all__ = ['DELEGATED', 'parse_kv', 'cmd_run', 'cmd_serve', 'cmd_app', 'drift', 'cmd_drift', 'cmd_audit', 'cmd_runs',
@@ -35,7 +35,7 @@ def cmd_run(args, settings: Settings) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"mlnb run: {e}", file=sys.stderr); return 2
     print(json.dumps({"run_id": r.run_id, "outcome": r.outcome, "seconds": r.seconds, "notebook": str(r.notebook),
-                      "metrics": r.metrics}, indent=2, default=str))
+                      "correlation_id": r.correlation_id, "metrics": r.metrics}, indent=2, default=str))
     return 0
 
 def cmd_serve(args, settings: Settings) -> int:
@@ -95,8 +95,14 @@ def cmd_drift(args, settings: Settings) -> int:
     return 0
 
 def cmd_audit(args, settings: Settings) -> int:
-    where = {k: v for k, v in dict(operation=args.operation, outcome=args.outcome, phase=args.phase).items() if v}
-    for r in read_audit(settings, since=args.since, limit=args.limit, **where): print(json.dumps(r, default=str))
+    if args.action == "verify":                        # exit 1 with the first changed/removed/reordered record
+        res = verify(settings); print(json.dumps(res.to_dict(), default=str)); return 0 if res.ok else 1
+    if args.action == "rotate":
+        try: print(json.dumps(AuditLog(settings).rotate())); return 0
+        except ValueError as e: print(f"mlnb audit rotate: {e}", file=sys.stderr); return 2
+    for r in audit_query(settings, since=args.since, limit=args.limit, correlation=args.correlation, model=args.model,
+                         version=args.version, operation=args.operation, outcome=args.outcome, phase=args.phase):
+        print(json.dumps(r, default=str))
     return 0
 
 def cmd_runs(args, settings: Settings) -> int:
@@ -276,7 +282,8 @@ def cmd_demo(args, settings: Settings) -> int:
 DELEGATED = {"models": ("mlnb.registry", "models_cli", "list, show, promote, rollback and model cards"),
              "tune": ("mlnb.tune", "main", "Optuna hyperparameter search (parallel workers)"),
              "predict": ("mlnb.batch", "predict_cli", "batch scoring of a CSV/Parquet file"),
-             "features": ("mlnb.features", "features_cli", "feature views, materialization, online store")}
+             "features": ("mlnb.features", "features_cli", "feature views, materialization, online store"),
+             "ab": ("mlnb.abtest", "ab_cli", "A/B experiments between model versions: design, start, status, stop")}
 
 def _delegate(module: str, func: str, argv: list[str], command: str) -> int:
     import importlib
@@ -301,6 +308,8 @@ def cmd_bench(args, settings: Settings) -> int:
 # %% ../nbs/60_cli.ipynb #ee290457
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlnb", description="Notebook-first research-to-production ML toolkit.")
+    p.add_argument("--change-ticket", metavar="ID", help="change ticket recorded in the audit trail (required for "
+                   "production changes where settings.change_ticket_environments says so; or MLNB_CHANGE_TICKET)")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a pipeline notebook with papermill into reports/NAME/RUN_ID/")
     r.add_argument("name", help="pipeline name in nbs/pipelines, or a notebook path")
@@ -318,9 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--months", default=None, help="compare these demo months instead of the prediction log, e.g. 7-12")
     d.add_argument("--since", default=None, help="only predictions logged since this ISO time")
     d.set_defaults(fn=cmd_drift)
-    au = sub.add_parser("audit", help="print audit records as JSON lines")
+    au = sub.add_parser("audit", help="print audit records as JSON lines; `verify` the hash chain; `rotate` (retention)")
+    au.add_argument("action", nargs="?", choices=["list", "verify", "rotate"], default="list")
     au.add_argument("--operation"); au.add_argument("--outcome"); au.add_argument("--phase")
     au.add_argument("--since"); au.add_argument("--limit", type=int, default=None)
+    au.add_argument("--correlation", help="everything one command caused (its correlation_id)")
+    au.add_argument("--model", help="model name"); au.add_argument("--version", help="model version (with --model)")
     au.set_defaults(fn=cmd_audit)
     ru = sub.add_parser("runs", help="list pipeline runs")
     ru.add_argument("name", nargs="?"); ru.add_argument("--limit", type=int, default=20)
@@ -340,8 +352,33 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(fn=cmd_demo)
     return p
 
+def _change_ticket(argv: list[str]) -> tuple[list[str], str | None]:
+    "Take a leading `--change-ticket ID` (or `--change-ticket=ID`) off `argv`."
+    if argv and argv[0].startswith("--change-ticket="): return argv[1:], argv[0].partition("=")[2]
+    if len(argv) >= 2 and argv[0] == "--change-ticket": return argv[2:], argv[1]
+    return argv, None
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["mlnb", *argv])
+    argv, ticket = _change_ticket(argv)
+    saved = os.environ.get("MLNB_CHANGE_TICKET")
+    if ticket is not None: os.environ["MLNB_CHANGE_TICKET"] = ticket
+    # every audit record this command causes, here and in the kernels/workers it starts, shares one correlation id
+    # and names this command (or the command that started us, when it passed them on)
+    inherited = os.environ.get("MLNB_CORRELATION_ID")
+    try:
+        with correlation(inherited, os.environ.get("MLNB_COMMAND") or command,
+                         os.environ.get("MLNB_PARENT_ID") if inherited else None, export=True):
+            return _main(argv)
+    except ChangeTicketRequired as e:                  # refused (and audited as a failure) before anything changed
+        print(f"mlnb: {e}", file=sys.stderr); return 1
+    finally:
+        if ticket is not None:
+            if saved is None: os.environ.pop("MLNB_CHANGE_TICKET", None)
+            else: os.environ["MLNB_CHANGE_TICKET"] = saved
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:   # the module parses its own options (argparse's REMAINDER would eat `--x`)
         module, func, _ = DELEGATED[argv[0]]
         return _delegate(module, func, argv[1:], argv[0])

@@ -54,6 +54,18 @@ class Settings:
     offline_store: str = ""                # empty: <home>/features/offline; or an fsspec URL, e.g. s3://bucket/features
     dask_scheduler: str = ""               # empty: train in process; "local": a LocalCluster; or tcp://host:8786
     feature_modules: str = ""              # modules whose register_views() defines the feature views, e.g. mlnb.examples.flights
+    # audit (mlnb.audit): change tickets, retention per record class, rotation, forwarding to a collector
+    change_ticket_environments: str = "production,prod"  # environments where changing production needs a change ticket
+    audit_retention_days_pipeline: int = 90      # pipeline/training records kept at least this long (floor 90)
+    audit_retention_days_deployment: int = 365   # register/promote/rollback/routing/experiment records (floor 365)
+    audit_rotate_bytes: int = 64_000_000         # seal the current audit file past this size; 0: only `mlnb audit rotate`
+    audit_forward_url: str = ""                  # HTTP collector for audit records (NDJSON POST); empty: no forwarding
+    audit_forward_syslog: str = ""               # syslog target: udp://host:514, tcp://host:514 or /dev/log
+    audit_forward_batch: int = 200               # records per HTTP batch
+    audit_forward_timeout: float = 2.0           # seconds per HTTP attempt
+    audit_forward_spool_bytes: int = 50_000_000  # on-disk spool bound while the collector is down
+    audit_forward_exit_seconds: float = 2.0      # at exit, wait at most this long to flush forwarders
+    audit_forward_format: str = "ndjson"         # HTTP body: ndjson, or otlp (OTLP/HTTP JSON logs, e.g. :4318/v1/logs)
 
     # derived locations ---------------------------------------------------------------------------------------
     @property

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from .core import Settings, load_settings, ensure_dir, write_json
-from .audit import audited
+from .audit import audited, child_env
 
 # %% auto #0
 __all__ = ['record', 'read_records', 'PipelineError', 'pipeline_path', 'pipeline_parameters', 'coerce_params', 'PipelineRun',
@@ -94,6 +94,8 @@ class PipelineRun:
     metrics: dict = field(default_factory=dict)
     error: dict | None = None
     seconds: float = 0.0
+    correlation_id: str | None = None   # audit correlation of this run and everything it caused
+    audit_id: str | None = None         # the pipeline_run audit record
 
     @property
     def html(self) -> Path: return self.notebook.with_suffix(".html")
@@ -153,8 +155,9 @@ def run_pipeline(name: str, params: dict | None = None, settings: Settings | Non
     t0 = time.perf_counter()
     with audited("pipeline_run", settings, resources=[str(run.notebook)]) as rec:
         rec.details.update(pipeline=name, run_id=run_id, params=injected)
+        run.correlation_id, run.audit_id = rec.correlation_id, rec.audit_id
         try:
-            with _environ(settings.to_env()):
+            with _environ({**settings.to_env(), **child_env()}):   # the kernel continues this audit context
                 pm.execute_notebook(str(path), str(run.notebook), parameters=injected,
                                     kernel_name=kernel_name or settings.kernel_name, cwd=str(settings.root),
                                     progress_bar=False, log_output=log_output)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 from fastcore.basics import patch
 from .core import Settings
-from .audit import audited
+from .audit import audited, deployment_context
 from .schema import InvalidRecord, FeatureSpec
 from .engine import LoadedModel
 from .routing import RoutingConfig, RoutingError, Router, CircuitBreaker
@@ -306,8 +306,10 @@ def _swap(self: Rollout, config: RoutingConfig, generation: int, models: dict, p
     self.metrics.inc("mlnb_model_swaps_total")
     if old is not None and old.fallback_model is not None:
         try:
+            # the swap joins the correlation of the promote/rollback that moved the alias (from the audit log)
             with audited("serve_swap", self.settings, model_name=new.fallback_model.name,
-                         model_version=new.fallback_model.version, resources=["serve"]) as rec:
+                         model_version=new.fallback_model.version, resources=["serve"],
+                         **deployment_context(self.settings, new.fallback_model.name, new.fallback_model.version)) as rec:
                 rec.details.update(before=before, after=after, strategy=config.strategy, generation=generation,
                                    routing_changed=old.config != config, pid=os.getpid(),
                                    problems={a: p[:300] for a, p in problems.items()})

@@ -53,7 +53,7 @@ def test_failing_pipeline_keeps_notebook_audits_and_exits_nonzero(tmp_path):
     (run,) = list_runs(s, "train")
     assert run["outcome"] == "failure" and Path(run["notebook"]).exists()
     end = read_audit(s, operation="pipeline_run", phase="end")[-1]
-    assert end["outcome"] == "failure" and end["error"]["type"] and end["error"]["message"]
+    assert end["outcome"] == "failure" and end["error_detail"]["type"] and end["error_detail"]["message"]
     # no model was registered
     client = mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri)
     assert client.search_registered_models() == []

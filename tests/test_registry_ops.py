@@ -166,7 +166,7 @@ def test_damaged_challenger_is_never_promoted(home, base, tmp_path):
         ModelRegistry(home).promote()
     assert ModelRegistry(home).aliases() == {"challenger": v4, "champion": "1"}
     fail = read_audit(home, operation="promote", phase="end")[-1]
-    assert fail["outcome"] == "failure" and "model.ubj" in fail["error"]["message"]
+    assert fail["outcome"] == "failure" and "model.ubj" in fail["error_detail"]["message"]
 
 
 def test_models_cli_and_concurrent_promotes(home):

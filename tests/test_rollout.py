@@ -241,7 +241,7 @@ def test_bad_version_is_refused_and_old_keeps_serving(home, base, free_port, tmp
         info = srv.models()
         assert info["version"] == "1" and "IntegrityError" in info["refused"][v3], info
         fails = [r for r in read_audit(home, operation="serve_load", phase="end") if r["model_version"] == v3]
-        assert fails and fails[-1]["outcome"] == "failure" and "IntegrityError" in fails[-1]["error"]["type"]
+        assert fails and fails[-1]["outcome"] == "failure" and "IntegrityError" in fails[-1]["error_detail"]["type"]
     finally:
         set_alias(home, "champion", "1")
         srv.stop(); srv.kill_group()

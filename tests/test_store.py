@@ -144,7 +144,7 @@ def test_offline_store_on_object_storage(tmp_path, s3_endpoint):
     assert offline_table("plane", s, version=first["version"]).equals(F.get_feature_view("plane").compute())
     assert not (s.features_dir/"offline").exists()                                # nothing went to local disk
     rec = read_audit(s, operation="features_materialize_offline", phase="end")[-1]
-    assert rec["outcome"] == "success" and rec["resources"][0].startswith("s3://mlnb-features/")
+    assert rec["outcome"] == "success" and rec["resources_affected"][0].startswith("s3://mlnb-features/")
 
 
 def test_offline_store_is_versioned_by_definition_and_data(scratch_settings):

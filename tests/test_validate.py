@@ -195,7 +195,7 @@ def test_bad_data_or_parameters_stop_the_gate(gated, clean, name):
     assert ("pipeline_run", "failure") in ends
     if name in CORRUPTIONS:
         (v,) = [r for r in new if r["operation"] == "validate_data" and r["phase"] == "end"]
-        assert v["outcome"] == "failure" and words in v["error"]["message"]
+        assert v["outcome"] == "failure" and words in v["error_detail"]["message"]
         assert any(f["check"] == CORRUPTIONS[name][1] for f in v["details"]["findings"])
     # no model was trained, the champion is untouched
     assert len(list_runs(s, "train")) == 1
