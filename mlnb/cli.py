@@ -56,7 +56,9 @@ def cmd_app(args, settings: Settings) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while True:
-            try: return proc.wait()
+            try:
+                rc = proc.wait()
+                return 128 - rc if rc < 0 else rc       # killed by signal N: the shell's 128 + N
             except KeyboardInterrupt: proc.send_signal(signal.SIGINT)       # Ctrl-C: Streamlit shuts down cleanly
     finally:
         for s, h in old.items(): signal.signal(s, h)

@@ -70,13 +70,40 @@ def app_home(trained_home, tmp_path_factory):
                     for i, r in enumerate(rows.iter_rows(named=True))])
     report = drift_from_predictions(s, champion)
     save_latest_report(s, report)
+    exp = _ab_experiment(s, champion, v1, rows) if db.optional_module("abtest") is not None else None
     with pytest.raises(PipelineError):
         run_pipeline("validate", {"data_path": str(tmp/"missing.csv")}, s)
     alerts = db.optional_module("alerts")
     if alerts is not None and hasattr(alerts, "run_monitor"):
         alerts.run_monitor(s)
     env = {**os.environ, **s.to_env(), "PYTHONUNBUFFERED": "1"}
-    return {"settings": s, "env": env, "v1": v1.version, "v2": v2, "report": report, "name": champion.name}
+    return {"settings": s, "env": env, "v1": v1.version, "v2": v2, "report": report, "name": champion.name, "experiment": exp}
+
+
+def _ab_experiment(s, champion, previous, rows) -> str:
+    """A real A/B experiment (`mlnb ab design` + `start`): champion vs previous, 50/50 by entity; 300 requests logged
+    on the arm the router assigns, with their labels as feedback."""
+    from mlnb.abtest import ab_design, ab_start
+    from mlnb.feedback import ServingStore, state_path
+    from mlnb.predlog import PredictionLog
+    from mlnb.routing import Router, RoutingConfig
+    ab_design(s, {"id": "exp-1", "arms": {"champion": "champion", "previous": "previous"}, "metric": "logloss"}, sigma=0.5)
+    started = ab_start(s, "exp-1")
+    router = Router(RoutingConfig.from_dict(started["routing"]))
+    models = {"champion": champion, "previous": previous}
+    target = champion.spec.target
+    recs, labels = [], []
+    for i, r in enumerate(rows.iter_rows(named=True)):
+        arm = router.choose(f"e{i}")
+        m = models[arm]
+        recs.append({"request_id": f"ab-{i}", "ts": started["started_at"] + 0.001 * (i + 1), "model_name": m.name,
+                     "model_version": m.version, "arm": arm, "entity": f"e{i}", "latency_ms": 2.0,
+                     "prediction": float(m.predict_frame(rows.slice(i, 1))[0]),
+                     "features": {f: r[f] for f in m.spec.names}})
+        labels.append({"request_id": f"ab-{i}", "label": float(r[target])})
+    with PredictionLog(s, champion.spec, flush_rows=100) as log: log.append(recs)
+    ServingStore(state_path(s)).add_feedback(labels)
+    return "exp-1"
 
 
 def _texts(at) -> str:
@@ -101,7 +128,8 @@ def test_every_page_with_data(monkeypatch, app_home):
     at = _app(app_home["env"], monkeypatch)
     _clean(at, "overview")
     m = {e.label: e.value for e in at.metric}
-    assert m["Champion"] == f"v{v2}" and m["Challenger"] == "none" and m["Routing"] == "single"
+    assert m["Champion"] == f"v{v2}" and m["Challenger"] == "none"
+    assert m["Routing"] == ("ab" if app_home["experiment"] else "single")     # the experiment's routing
     aliases = at.dataframe[0].value
     assert dict(zip(aliases["alias"], aliases["version"])) == {"champion": v2, "previous": v1}
     assert len(at.get("plotly_chart")) == 1                                  # requests, latency, errors
@@ -126,10 +154,20 @@ def test_every_page_with_data(monkeypatch, app_home):
     table = at.dataframe[-1].value
     assert set(table["feature"]) >= set(db.ModelRegistry(s).load("champion").spec.names)
 
-    for page in ("performance", "abtest"):
-        at.switch_page(f"app_pages/{page}.py").run()
-        _clean(at, page)
-        if page == "abtest": assert "mlnb ab" in _texts(at) or "mlnb.abtest" in _texts(at)
+    at.switch_page("app_pages/performance.py").run()
+    _clean(at, "performance")
+    at.switch_page("app_pages/abtest.py").run()
+    _clean(at, "abtest")
+    if app_home["experiment"]:
+        m = {e.label: e.value for e in at.metric}
+        detail = db.experiment_detail(s, app_home["experiment"])
+        assert m["Status"] == "running" and m["Decision"] == detail["decision"]["decision"].upper()
+        assert detail["decision"]["reason"] in _texts(at)
+        arms = at.dataframe[0].value
+        assert set(arms["arm"]) == {"champion", "previous"} and arms["units"].sum() == 300
+        hist = db.sequential_history(s, app_home["experiment"], points=3)
+        assert not db.is_empty(hist) and (hist["seq_low"] <= hist["diff"]).all() and (hist["diff"] <= hist["seq_high"]).all()
+        assert len(at.get("plotly_chart")) == 1                          # the always-valid interval over time
 
     at.switch_page("app_pages/registry.py").run()
     _clean(at, "registry")
@@ -206,22 +244,23 @@ def _port_open(port: int) -> bool:
 
 
 def test_mlnb_app_sigterm_stops_streamlit(tmp_path, free_port):
-    (tmp_path/"settings.ini").write_text(f"[mlnb]\nhome = {tmp_path/'home'}\n")
-    env = {**os.environ, "MLNB_HOME": str(tmp_path/"home"), "MLNB_SETTINGS": str(tmp_path/"settings.ini"),
-           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLNB_")}, "MLNB_HOME": str(tmp_path/"home"),
+           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}               # this repo's settings.ini, an empty home
+    log = open(tmp_path/"app.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "mlnb.cli", "app", "--port", str(free_port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 90
         while not _port_open(free_port):
-            assert proc.poll() is None and time.time() < deadline, "mlnb app did not start"
+            assert proc.poll() is None and time.time() < deadline, (tmp_path/"app.log").read_text()
             time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+        assert proc.wait(30) in (0, 128 + signal.SIGTERM), (tmp_path/"app.log").read_text()
         deadline = time.time() + 10
         while _port_open(free_port) and time.time() < deadline: time.sleep(0.2)
         assert not _port_open(free_port), "the Streamlit child still holds the port after SIGTERM"
     finally:
+        log.close()
         try: os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError: pass
 
