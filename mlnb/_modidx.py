@@ -354,6 +354,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlnb.dashboard.is_empty': ('dashboard.html#is_empty', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard.latest_drift_report': ('dashboard.html#latest_drift_report', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard.lineage': ('dashboard.html#lineage', 'mlnb/dashboard.py'),
+                                'mlnb.dashboard.loop_module': ('dashboard.html#loop_module', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard.loop_state': ('dashboard.html#loop_state', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard.metric_series': ('dashboard.html#metric_series', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard.missing_module': ('dashboard.html#missing_module', 'mlnb/dashboard.py'),

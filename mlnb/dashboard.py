@@ -23,11 +23,11 @@ from .registry import ModelRegistry, ALIASES, GATE_TAG
 # %% auto #0
 __all__ = ['SOURCES', 'RUN_COLUMNS', 'AUDIT_COLUMNS', 'ALIAS_OPERATIONS', 'TIMELINE_COLUMNS', 'ACTIONS', 'Empty', 'is_empty',
            'optional_module', 'missing_module', 'has_registry', 'model_names', 'read_sqlite', 'serving_aliases',
-           'routing_state', 'monitoring_home', 'open_alerts', 'loop_state', 'run_index', 'audit_frame', 'alias_history',
-           'served_periods', 'gate_decisions', 'versions_frame', 'lineage', 'model_card', 'diff_tables',
-           'registry_diff', 'find_request', 'waterfall', 'explain_logged', 'explain_request', 'side_by_side',
-           'importance_side_by_side', 'version_importance', 'dependence_frames', 'timeline_frame', 'metric_series',
-           'drift_heatmap', 'drift_summary', 'latest_drift_report', 'quality_table', 'service_series',
+           'routing_state', 'monitoring_home', 'open_alerts', 'loop_module', 'loop_state', 'run_index', 'audit_frame',
+           'alias_history', 'served_periods', 'gate_decisions', 'versions_frame', 'lineage', 'model_card',
+           'diff_tables', 'registry_diff', 'find_request', 'waterfall', 'explain_logged', 'explain_request',
+           'side_by_side', 'importance_side_by_side', 'version_importance', 'dependence_frames', 'timeline_frame',
+           'metric_series', 'drift_heatmap', 'drift_summary', 'latest_drift_report', 'quality_table', 'service_series',
            'explanation_drift', 'traffic_from_log', 'performance_series', 'performance_metrics', 'experiments_frame',
            'experiment_detail', 'sequential_history', 'confirmation_text', 'admin_action', 'service_frame', 'overview']
 
@@ -149,9 +149,16 @@ def open_alerts(settings: Settings, name: str) -> pl.DataFrame | Empty:
               "started_at": pl.Datetime("us", "UTC"), "resolved_at": pl.Datetime("us", "UTC")}
     return pl.DataFrame(rows, schema=schema).sort(pl.col("status") != "firing", "started_at", descending=[False, True])
 
+def loop_module() -> ModuleType | None:
+    "The module with the retrain state machine (`RetrainLoop`, `LoopStore`), or None in a build without it."
+    for n in ("orchestrate", "retrain"):
+        m = optional_module(n)
+        if m is not None and hasattr(m, "RetrainLoop"): return m
+    return None
+
 def loop_state(settings: Settings, name: str) -> dict | Empty:
     "The retrain loop of model `name`: the active (else latest) loop and its transitions."
-    if optional_module("orchestrate") is None and optional_module("retrain") is None: return missing_module("orchestrate")
+    if loop_module() is None: return missing_module("retrain")
     db = settings.home/"retrain.db"
     loops = read_sqlite(db, "SELECT id, model, state, step, data, created_at, updated_at, paused, active FROM loops "
                             "WHERE model = ? ORDER BY active DESC, created_at DESC LIMIT 1", (name,))
@@ -613,11 +620,10 @@ def _run_action(settings: Settings, name: str, action: str, reason: str, experim
         ch = reg.promote(reason=reason) if action == "promote" else reg.rollback(reason=reason)
         return ch.to_dict()
     if action in ("pause_loop", "resume_loop"):
-        mod = optional_module("orchestrate")
-        if mod is None or not hasattr(mod, "RetrainLoop"): mod = optional_module("retrain")
-        if mod is None or not hasattr(mod, "RetrainLoop"): raise RuntimeError(missing_module("orchestrate").message)
-        loop = mod.RetrainLoop(settings, model=name) if "model" in mod.RetrainLoop.__init__.__code__.co_varnames \
-            else mod.RetrainLoop(settings)
+        mod = loop_module()
+        if mod is None: raise RuntimeError(missing_module("retrain").message)
+        loop = mod.RetrainLoop(settings, who="mlnb app")
+        if loop.model != name: raise ValueError(f"the retrain policy drives model {loop.model!r}, not {name!r}")
         return loop.command(action.split("_")[0], reason=reason).to_dict()
     ab = optional_module("abtest")
     if ab is None: raise RuntimeError(missing_module("abtest").message)

@@ -21,7 +21,7 @@ fig.update_layout(margin=dict(l=10, r=10, t=10, b=10))
 st.plotly_chart(fig, width="stretch")
 
 st.subheader("Dependence of the top features")
-dep = lib.load("dependence_frames", name, ref)
+dep = lib.load("dependence_frames", name, ref, max_rows=500)
 for col, (feat, df) in zip(st.columns(len(dep)), dep.items()):
     f = px.scatter(df.to_pandas(), x="value", y="shap", opacity=0.4, height=280, title=feat, labels={"value": feat})
     f.update_layout(margin=dict(l=10, r=10, t=40, b=10))

@@ -1,4 +1,6 @@
 """Overview: what serves now (aliases, routing), open alerts, the retrain loop, traffic, latency and errors, last runs."""
+import json
+
 import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
@@ -25,7 +27,7 @@ with left:
     if not lib.empty(al): st.dataframe(al, hide_index=True, width="stretch")
     st.subheader("Traffic routing")
     if not lib.empty(routing):
-        st.json(routing["config"])
+        st.code(json.dumps(routing["config"]), language="json", wrap_lines=True)
         st.caption(f"generation {routing['generation']} · set by {routing['actor'] or 'n/a'} · {routing['updated_at'] or ''}")
 with right:
     st.subheader("Alerts")
@@ -36,6 +38,9 @@ with right:
     if not lib.empty(loop):
         st.markdown(f"Loop `{loop['id']}`: **{loop['state']}**" + (" · paused" if loop["paused"] else ""))
         st.dataframe(loop["transitions"], hide_index=True, width="stretch")
+        if loop["active"]:
+            if loop["paused"]: lib.admin_form("resume_loop", name, "Resume the retrain loop")
+            else: lib.admin_form("pause_loop", name, "Pause the retrain loop")
 
 st.subheader("Requests, latency and errors")
 svc = ov["service"]
