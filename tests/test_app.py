@@ -189,11 +189,13 @@ def test_every_page_with_data(monkeypatch, app_home):
     runs = at.dataframe[0].value
     failed = runs[runs["status"] == "failure"]
     assert len(failed) == 1 and list(failed["pipeline"]) == ["validate"]
-    trail = at.dataframe[1].value
+    assert len(at.dataframe[1].value) == len(db.run_index(s))              # every run
+    trail = at.dataframe[-1].value
     assert {"promote", "set_challenger", "gate", "pipeline_run"} <= set(trail["operation"])
-    assert "failure" in set(trail["outcome"])                              # the failed pipeline run, highlighted
+    failures = at.dataframe[-2].value                                      # the failed operations, in red, on top
+    assert set(failures["outcome"]) == {"failure"} and "pipeline_run" in set(failures["operation"])
     next(w for w in at.multiselect if w.label == "Outcome").select("failure").run()
-    assert set(at.dataframe[1].value["outcome"]) == {"failure"}
+    assert set(at.dataframe[-1].value["outcome"]) == {"failure"}
 
 
 def test_every_page_on_an_empty_home(monkeypatch, tmp_path):
@@ -304,6 +306,15 @@ def browse_all(url: str, shots: Path | None, expect: dict[str, str] | None = Non
                     if shots is not None and rnd == "cached_s":
                         page.wait_for_timeout(500)                 # let plotly finish its transitions
                         page.screenshot(path=str(shots/f"{slug}.png"), full_page=True)
+            if (expect or {}).get("request_id"):                   # one request explained, linked by its id
+                page.goto(f"{url}/explain?request_id={expect['request_id']}", wait_until="domcontentloaded")
+                _rendered(page, PAGES["explain"], timeout)
+                page.get_by_text("served by").first.wait_for(timeout=60_000)
+                assert_clean(page)
+                if shots is not None:
+                    page.get_by_text("Why this prediction?").first.scroll_into_view_if_needed()
+                    page.wait_for_timeout(500)
+                    page.screenshot(path=str(shots/"explain_request.png"))
         finally:
             browser.close()
     return times
@@ -318,7 +329,8 @@ def test_every_page_in_a_real_browser(app_home, free_port, tmp_path):
     try:
         plot, table = ".js-plotly-plot", "[data-testid='stDataFrame']"
         times = browse_all(url, shots, {"overview": plot, "explain": plot, "drift": table, "registry": table,
-                                        "pipelines": table})
+                                        "pipelines": table, "abtest": plot if app_home["experiment"] else None,
+                                        "request_id": "req-7"})
     finally:
         stop_app(proc)
     (tmp_path/"render_times.json").write_text(json.dumps(times, indent=1))

@@ -1,5 +1,4 @@
 """Explainability: global importance, dependence, one request explained (waterfall), champion vs challenger, explanation drift."""
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 import lib
@@ -14,21 +13,21 @@ ref = versions["version"][st.selectbox("Version", range(len(refs)), index=champ,
 
 st.subheader("Global importance")
 st.caption("Mean |SHAP| (exact TreeSHAP, XGBoost `pred_contribs`) over the version's reference sample, in log-odds.")
-imp = lib.load("version_importance", name, ref)
-fig = px.bar(imp.sort("mean_abs_shap").to_pandas(), x="mean_abs_shap", y="feature", orientation="h",
-             labels={"mean_abs_shap": "mean |SHAP|", "feature": ""}, height=max(300, 22 * imp.height + 60))
-fig.update_layout(margin=dict(l=10, r=10, t=10, b=10))
+imp = lib.load("version_importance", name, ref).sort("mean_abs_shap")
+fig = go.Figure(go.Bar(x=imp["mean_abs_shap"].to_list(), y=imp["feature"].to_list(), orientation="h"))
+fig.update_layout(height=max(300, 22 * imp.height + 60), margin=dict(l=10, r=10, t=10, b=10), xaxis_title="mean |SHAP|")
 st.plotly_chart(fig, width="stretch")
 
 st.subheader("Dependence of the top features")
 dep = lib.load("dependence_frames", name, ref, max_rows=500)
 for col, (feat, df) in zip(st.columns(len(dep)), dep.items()):
-    f = px.scatter(df.to_pandas(), x="value", y="shap", opacity=0.4, height=280, title=feat, labels={"value": feat})
-    f.update_layout(margin=dict(l=10, r=10, t=40, b=10))
+    f = go.Figure(go.Scattergl(x=df["value"].to_list(), y=df["shap"].to_list(), mode="markers", opacity=0.4))
+    f.update_layout(height=280, title=feat, xaxis_title=feat, yaxis_title="SHAP", margin=dict(l=10, r=10, t=40, b=10))
     col.plotly_chart(f, width="stretch")
 
 st.subheader("Why this prediction?")
-rid = st.text_input("Request id", placeholder="the request_id of a /predict answer")
+rid = st.text_input("Request id", value=st.query_params.get("request_id", ""),
+                    placeholder="the request_id of a /predict answer (or ?request_id=... in the page's address)")
 if rid:
     ex = lib.load("explain_request", name, rid)
     if not lib.empty(ex):
@@ -53,10 +52,9 @@ b = c2.selectbox("Right", ([b_default] if b_default else []) + others, index=0 i
 sbs = lib.load("importance_side_by_side", name, a, b)
 if not lib.empty(sbs):
     va, vb = sbs.columns[1], sbs.columns[3]
-    long = sbs.unpivot(index="feature", on=[va, vb], variable_name="version", value_name="mean |SHAP|")
-    fig = px.bar(long.to_pandas(), x="mean |SHAP|", y="feature", color="version", barmode="group", orientation="h",
-                 height=max(300, 30 * sbs.height + 60))
-    fig.update_layout(yaxis=dict(autorange="reversed"), margin=dict(l=10, r=10, t=10, b=10))
+    fig = go.Figure([go.Bar(x=sbs[v].to_list(), y=sbs["feature"].to_list(), name=v, orientation="h") for v in (va, vb)])
+    fig.update_layout(barmode="group", height=max(300, 30 * sbs.height + 60), yaxis=dict(autorange="reversed"),
+                      xaxis_title="mean |SHAP|", margin=dict(l=10, r=10, t=10, b=10))
     st.plotly_chart(fig, width="stretch")
 
 st.subheader("Explanation drift over time")
@@ -64,8 +62,8 @@ tl = lib.load("timeline_frame", name)
 if not lib.empty(tl):
     ed = lib.db.explanation_drift(tl)
     if ed.height:
-        fig = px.line(ed.to_pandas(), x="start", y="value", color="column", height=350,
-                      labels={"value": "mean |SHAP| on live traffic", "start": ""})
-        fig.update_layout(margin=dict(l=10, r=10, t=10, b=10))
+        fig = go.Figure([go.Scatter(x=part["start"].to_list(), y=part["value"].to_list(), mode="lines", name=c[0])
+                         for c, part in ed.group_by("column", maintain_order=True)])
+        fig.update_layout(height=350, yaxis_title="mean |SHAP| on live traffic", margin=dict(l=10, r=10, t=10, b=10))
         st.plotly_chart(fig, width="stretch")
     else: st.info("The timeline has no explanation values (the monitor runs without the model's booster).")

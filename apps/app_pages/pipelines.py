@@ -19,8 +19,13 @@ if not lib.empty(runs):
     c1.metric("Runs", view.height)
     c2.metric("Failed", view.filter(pl.col("status") == "failure").height)
     c3.metric("Last run", str(view["started"].max())[:16] if view.height else "n/a")
-    st.dataframe(lib.status_style(view.select("pipeline", "run_id", "status", "started", "seconds", "job", "params",
-                                              "failed_cell", "mlflow_run_id")), hide_index=True, width="stretch")
+    failed = view.filter(pl.col("status") == "failure")
+    if failed.height:
+        st.markdown(f":red[**{failed.height} failed runs**]")
+        st.dataframe(lib.status_style(failed.head(50).select("pipeline", "run_id", "status", "started", "failed_cell", "error")),
+                     hide_index=True, width="stretch")
+    st.dataframe(view.select("pipeline", "run_id", "status", "started", "seconds", "job", "params", "failed_cell",
+                             "mlflow_run_id"), hide_index=True, width="stretch")
     if view.height:
         k = st.selectbox("Run", range(view.height), format_func=lambda j: f"{view['pipeline'][j]} {view['run_id'][j]} ({view['status'][j]})")
         r = view.row(k, named=True)
@@ -50,7 +55,12 @@ trail = lib.load("audit_frame", operations=tuple(f_ops) or None, outcomes=tuple(
 if trail.height == 0:
     st.info("No audit record matches. Every mlnb command that changes something writes one (e.g. `mlnb run train`).")
 else:
-    st.caption(f"{trail.height} records, {trail.filter('failed').height} failures (red), newest first")
-    st.dataframe(lib.status_style(trail.select("timestamp", "operation", "outcome", "user", "model_name", "model_version",
-                                               "correlation_id", "duration_seconds", "error", "change_ticket", "command"),
-                                  "outcome"), hide_index=True, width="stretch")
+    cols = ["timestamp", "operation", "outcome", "user", "model_name", "model_version", "correlation_id",
+            "duration_seconds", "error", "change_ticket", "command"]
+    bad = trail.filter("failed")
+    st.caption(f"{trail.height} records, {bad.height} failures, newest first")
+    if bad.height:
+        st.markdown(f":red[**{bad.height} failed operations**]")
+        st.dataframe(lib.status_style(bad.head(200).select(cols), "outcome"), hide_index=True, width="stretch")
+    st.dataframe(trail.select(cols), hide_index=True, width="stretch",
+                 column_config={"outcome": st.column_config.TextColumn("outcome", help="failure rows are listed above in red")})
