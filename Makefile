@@ -31,6 +31,12 @@ demo: setup
 # The README's test command. Order: notebooks clean, package in sync, layer contracts, inline notebook tests, pytest.
 test: setup system-deps refs check-clean check-export lint nbtest pytest
 
+# NannyML 0.13.1 in its own venv: tests/test_performance.py cross-checks mlnb's CBPE against it (subprocess).
+.refs/nannyml/.installed: | $(VENV)/.installed
+	uv venv -q --allow-existing --python $(BIN)/python .refs/nannyml
+	NML_DISABLE_USAGE_LOGGING=1 uv pip install -q --python .refs/nannyml/bin/python nannyml==0.13.1 statsmodels
+	@touch $@
+
 # $(call unchanged,FIND-ARGS,COMMAND,MESSAGE): fail when COMMAND changes any file that `find FIND-ARGS` lists.
 define unchanged
 	@sum() { find $(1) -print0 | sort -z | xargs -0 sha256sum; }; before=$$(sum); $(2) || exit 1; \
@@ -39,7 +45,7 @@ endef
 
 # Reference implementations in their own small virtualenvs (they pin old stacks), run by tests and benchmarks as
 # subprocesses on the same inputs: GrowthBook's gbstats 0.8.0 needs pandas < 2 (it pulls pandas 1.5.3, numpy 1.26).
-refs: .refs/gbstats/.installed
+refs: .refs/gbstats/.installed .refs/nannyml/.installed .refs/evidently/.installed
 
 .refs/gbstats/.installed:
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -63,8 +69,14 @@ lint: setup
 nbtest: setup
 	$(BIN)/nbdev-test --n-workers 2 --timing
 
-pytest: setup
+pytest: setup .refs/evidently/.installed
 	$(BIN)/pytest tests -q
+
+# Evidently 0.7 in its own virtualenv (it pins pandas < 3): tests and `mlnb bench monitor` compare against it.
+.refs/evidently/.installed:
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	uv venv -q --allow-existing .refs/evidently && uv pip install -q --python .refs/evidently/bin/python "evidently==0.7.23" "pandas<3"
+	@touch $@
 
 # Developer conveniences
 export: setup

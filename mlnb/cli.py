@@ -90,11 +90,26 @@ def drift(settings: Settings, months: str | None = None, since: str | None = Non
         rec.metrics.update({f"psi_{f.feature}": f.psi for f in report.features})
     return report, path
 
+def _csv_list(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
 def cmd_drift(args, settings: Settings) -> int:
-    try: report, path = drift(settings, args.months, args.since)
-    except (ValueError, LookupError) as e: print(f"mlnb drift: {e}", file=sys.stderr); return 2
+    if bool(args.reference) != bool(args.current):
+        print("mlnb drift: give both --reference FILE and --current FILE (or neither, for the prediction log)",
+              file=sys.stderr); return 2
+    try:
+        if args.reference:
+            from mlnb.monitor import drift_files, save_latest_report
+            with audited("drift_report", settings) as rec:
+                report = drift_files(args.reference, args.current, _csv_list(args.features),
+                                     _csv_list(args.categorical) or (), settings)
+                path = save_latest_report(settings, report)
+                rec.resources.append(str(path)); rec.details.update(report.summary)
+        else: report, path = drift(settings, args.months, args.since)
+    except (ValueError, LookupError, TypeError, FileNotFoundError) as e:
+        print(f"mlnb drift: {e}", file=sys.stderr); return 2
     print(json.dumps({"report": str(path), **report.summary}, indent=2, default=str))
-    return 0
+    return 1 if args.fail_on_drift and report.status == "drift" else 0
 
 def cmd_audit(args, settings: Settings) -> int:
     if args.action == "verify":                        # exit 1 with the first changed/removed/reordered record
@@ -285,7 +300,9 @@ DELEGATED = {"models": ("mlnb.registry", "models_cli", "list, show, promote, rol
              "tune": ("mlnb.tune", "main", "Optuna hyperparameter search (parallel workers)"),
              "predict": ("mlnb.batch", "predict_cli", "batch scoring of a CSV/Parquet file"),
              "features": ("mlnb.features", "features_cli", "feature views, materialization, online store"),
-             "ab": ("mlnb.abtest", "ab_cli", "A/B experiments between model versions: design, start, status, stop")}
+             "ab": ("mlnb.abtest", "ab_cli", "A/B experiments between model versions: design, start, status, stop"),
+             "feedback": ("mlnb.performance", "feedback_cli", "import late labels (CSV/Parquet) for logged predictions"),
+             "monitor": ("mlnb.alerts", "monitor_cli", "monitoring timeline, alert rules and report: run, alerts")}
 
 def _delegate(module: str, func: str, argv: list[str], command: str) -> int:
     import importlib
@@ -328,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("drift", help="drift report: prediction log (default) or demo months vs the champion's reference")
     d.add_argument("--months", default=None, help="compare these demo months instead of the prediction log, e.g. 7-12")
     d.add_argument("--since", default=None, help="only predictions logged since this ISO time")
+    d.add_argument("--reference", default=None, help="a CSV/Parquet table to compare against (with --current)")
+    d.add_argument("--current", default=None, help="a CSV/Parquet table to compare (with --reference)")
+    d.add_argument("--features", default=None, help="comma-separated columns to compare (default: all shared)")
+    d.add_argument("--categorical", default=None, help="comma-separated columns to treat as categories")
+    d.add_argument("--fail-on-drift", action="store_true", help="exit 1 when the status is drift")
     d.set_defaults(fn=cmd_drift)
     au = sub.add_parser("audit", help="print audit records as JSON lines; `verify` the hash chain; `rotate` (retention)")
     au.add_argument("action", nargs="?", choices=["list", "verify", "rotate"], default="list")

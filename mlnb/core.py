@@ -66,6 +66,15 @@ class Settings:
     audit_forward_spool_bytes: int = 50_000_000  # on-disk spool bound while the collector is down
     audit_forward_exit_seconds: float = 2.0      # at exit, wait at most this long to flush forwarders
     audit_forward_format: str = "ndjson"         # HTTP body: ndjson, or otlp (OTLP/HTTP JSON logs, e.g. :4318/v1/logs)
+    drift_wasserstein: float = 0.1         # normed Wasserstein distance >= this: drift (Evidently's default)
+    drift_jensenshannon: float = 0.1       # Jensen-Shannon distance >= this: drift (Evidently's default)
+    drift_min_rows: int = 30               # fewer rows in a window/chunk: "insufficient data", never drift
+    drift_psi_min_rows: int = 200          # PSI thresholds apply from this many rows on
+    monitor_period: str = "day"            # timeline chunks: hour, day or week (or monitor_chunk_rows rows)
+    monitor_chunk_rows: int = 0            # > 0: chunks of this many rows instead of periods
+    monitor_rules: str = "monitoring.toml" # alert rules file, next to settings.ini
+    monitor_log: str = ""                  # empty: <home>/predictions; or an fsspec URL, e.g. s3://bucket/predictions
+    monitor_k_std: float = 3.0             # learned thresholds: reference chunks' mean +- k std
 
     # derived locations ---------------------------------------------------------------------------------------
     @property

@@ -256,6 +256,7 @@ class OnlineStore(abc.ABC):
         return LookupError(f"feature view {view!r} is not materialized in the online store {self.url}; "
                            f"run: mlnb features materialize {view}")
 
+# %% ../nbs/14_features.ipynb #af008bb7
 class SQLiteOnlineStore(OnlineStore):
     "Online store in one SQLite file (WAL mode: readers in other processes see each committed materialization)."
     def __init__(self, path: Path | str):
@@ -306,6 +307,7 @@ class SQLiteOnlineStore(OnlineStore):
     def close(self):
         with self._lock: self._con.close()
 
+# %% ../nbs/14_features.ipynb #9ca6e59a
 class RedisOnlineStore(OnlineStore):
     "Online store in Redis: hash `mlnb:fv:<view>` (entity key -> payload) and `mlnb:fv:<view>:meta`."
     def __init__(self, url: str, prefix: str = "mlnb:fv:"):
@@ -373,6 +375,7 @@ def entity_key(value) -> str:
     if isinstance(value, (tuple, list)): return "|".join("" if v is None else str(v) for v in value)
     return str(value)
 
+# %% ../nbs/14_features.ipynb #004ba203
 def materialize_online(view: str | FeatureView, settings: Settings | None = None, until: datetime | str | None = None,
                        incremental: bool = False, url: str | None = None, store: OnlineStore | None = None) -> dict:
     "Load the latest values per entity of `view` (events up to `until`) into the online store; return a summary."

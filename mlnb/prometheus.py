@@ -12,8 +12,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # %% auto #0
-__all__ = ['LATENCY_BUCKETS', 'CONTENT_TYPE', 'COUNTERS', 'multiprocess_dir', 'prepare_multiprocess_dir', 'Metrics',
-           'metric_value']
+__all__ = ['LATENCY_BUCKETS', 'CONTENT_TYPE', 'COUNTERS', 'multiprocess_dir', 'prepare_multiprocess_dir', 'metric_value',
+           'Metrics']
 
 # %% ../nbs/45_prometheus.ipynb #85c5398f
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -42,6 +42,14 @@ def prepare_multiprocess_dir(path: Path | str | None = None) -> Path:
     for p in d.glob("*.db"): p.unlink(missing_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(d)
     return d
+
+# %% ../nbs/45_prometheus.ipynb #b12defed
+def metric_value(text: str | bytes, name: str, **labels: str) -> float:
+    "Sum of the samples called `name` in Prometheus `text` whose labels include `labels`; 0.0 if none."
+    from prometheus_client.parser import text_string_to_metric_families
+    if isinstance(text, bytes): text = text.decode()
+    return float(sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                     if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items())))
 
 # %% ../nbs/45_prometheus.ipynb #a316427f
 class _Gauges:
@@ -90,11 +98,3 @@ class Metrics:
         else: reg = self.registry
         out = generate_latest(reg)
         return out + generate_latest(_Gauges(gauges)) if gauges else out
-
-# %% ../nbs/45_prometheus.ipynb #b12defed
-def metric_value(text: str | bytes, name: str, **labels: str) -> float:
-    "Sum of the samples called `name` in Prometheus `text` whose labels include `labels`; 0.0 if none."
-    from prometheus_client.parser import text_string_to_metric_families
-    if isinstance(text, bytes): text = text.decode()
-    return float(sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-                     if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items())))

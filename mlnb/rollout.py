@@ -318,7 +318,6 @@ def _swap(self: Rollout, config: RoutingConfig, generation: int, models: dict, p
     self._retire(models)
     return True
 
-# %% ../nbs/43_rollout.ipynb #149da0a0
 @patch
 def _retire(self: Rollout, serving: dict) -> None:
     "Models no serving arm uses: close their logs soon, keep the newest `keep_idle` loaded."
@@ -433,7 +432,6 @@ async def score(self: Rollout, st: _State, arm: str, records: list) -> Scored:
     recs, defaults = self._enrich(m, records) if m.online else (records, None)
     return Scored(st.fallback, m, await self._predict(m, recs), recs, defaults)
 
-# %% ../nbs/43_rollout.ipynb #ee6dd9c5
 @patch
 def _arm_failed(self: Rollout, st: _State, arm: str, m: LoadedModel, e: Exception) -> None:
     "Count a failure of a non-fallback arm; audit the breaker opening."

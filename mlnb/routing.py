@@ -6,6 +6,7 @@
 from __future__ import annotations
 import hashlib, math, random, threading, time
 from dataclasses import dataclass, field, asdict
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'DEFAULT_ARMS', 'RoutingError', 'RoutingConfig', 'unit_hash', 'Router', 'CircuitBreaker']
@@ -25,6 +26,7 @@ class RoutingError(ValueError):
 
 def _is_ref(v) -> bool: return isinstance(v, str) and 0 < len(v) <= 256 and v.strip() == v
 
+# %% ../nbs/41_routing.ipynb #5846236f
 @dataclass(frozen=True)
 class RoutingConfig:
     "How traffic is split between model arms (see the module docs); build with `from_dict`."
@@ -41,76 +43,6 @@ class RoutingConfig:
     breaker_failures: int = 5
     breaker_seconds: float = 30.0
 
-    @classmethod
-    def from_dict(cls, d) -> RoutingConfig:
-        "A complete, validated config from a JSON object (missing fields get their defaults)."
-        if d is None or d == {}: d = {"strategy": "single"}
-        if not isinstance(d, dict): raise RoutingError("(config)", f"must be a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - _FIELDS)
-        if unknown: raise RoutingError(unknown[0], f"unknown field; known fields: {', '.join(sorted(_FIELDS))}")
-        strategy = d.get("strategy", "single")
-        if strategy not in STRATEGIES: raise RoutingError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {strategy!r:.60}")
-        arms = d.get("arms")
-        if arms is not None:
-            if not isinstance(arms, dict) or not arms: raise RoutingError("arms", "must be a non-empty object {arm: alias or version}")
-            for k, v in arms.items():
-                if not _is_ref(k) or k == "shadow": raise RoutingError("arms", f"invalid arm name {k!r:.60} ('shadow' is reserved)")
-                if isinstance(v, int) and not isinstance(v, bool): v = str(v)
-                if not _is_ref(v): raise RoutingError("arms", f"arm {k!r}: the model reference must be an alias or a version number, got {v!r:.60}")
-            arms = {k: str(v) for k, v in arms.items()}
-        fallback = d.get("fallback", "champion")
-        if not _is_ref(fallback): raise RoutingError("fallback", f"must be an arm name, got {fallback!r:.60}")
-        def arm_field(name, default):
-            v = d.get(name, default)
-            if v is not None and not _is_ref(v): raise RoutingError(name, f"must be an arm name, got {v!r:.60}")
-            return v
-        live = arm_field("live", fallback if strategy in ("single", "blue_green") else None)
-        canary = arm_field("canary", "challenger" if strategy == "canary" else None)
-        shadow = arm_field("shadow", "challenger" if strategy == "shadow" else None)
-        percent = d.get("percent", 0.0 if strategy != "canary" else 10.0)
-        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
-            raise RoutingError("percent", f"must be a number from 0 to 100, got {percent!r:.60}")
-        weights = d.get("weights")
-        if strategy == "ab" and weights is None: weights = {"champion": 50, "challenger": 50}
-        if weights is not None:
-            if not isinstance(weights, dict) or not weights: raise RoutingError("weights", "must be a non-empty object {arm: weight}")
-            for k, w in weights.items():
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                    raise RoutingError("weights", f"arm {k!r:.60}: weight must be a finite number >= 0, got {w!r:.60}")
-            if sum(weights.values()) <= 0: raise RoutingError("weights", "at least one weight must be > 0")
-            weights = {str(k): float(w) for k, w in weights.items()}
-        prior = d.get("prior", [1.0, 1.0])
-        if (not isinstance(prior, (list, tuple)) or len(prior) != 2
-                or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0 for p in prior)):
-            raise RoutingError("prior", f"must be [alpha, beta] with both > 0, got {prior!r:.60}")
-        salt = d.get("salt", "mlnb")
-        if not isinstance(salt, str) or len(salt) > 256: raise RoutingError("salt", "must be a string of at most 256 characters")
-        bf = d.get("breaker_failures", 5)
-        if isinstance(bf, bool) or not isinstance(bf, int) or not 1 <= bf <= 1_000_000:
-            raise RoutingError("breaker_failures", f"must be an integer from 1 to 1000000, got {bf!r:.60}")
-        bs = d.get("breaker_seconds", 30.0)
-        if isinstance(bs, bool) or not isinstance(bs, (int, float)) or not 0 < bs <= 86_400:
-            raise RoutingError("breaker_seconds", f"must be a number of seconds in (0, 86400], got {bs!r:.60}")
-        # the arms the strategy uses, then the declared arm table (defaults for the well-known names)
-        used = {fallback}
-        used |= {a for a in (live, canary, shadow) if a}
-        if strategy == "ab": used |= set(weights)
-        if strategy == "bandit": used |= set(arms or DEFAULT_ARMS)
-        if arms is None:
-            undeclared = sorted(a for a in used if a not in DEFAULT_ARMS)
-            if undeclared: raise RoutingError("arms", f"arm {undeclared[0]!r} is used but not declared; add \"arms\": {{{undeclared[0]!r}: alias or version}}")
-            arms = {a: DEFAULT_ARMS[a] for a in DEFAULT_ARMS if a in used}
-        for name, v in (("fallback", fallback), ("live", live), ("canary", canary), ("shadow", shadow)):
-            if v is not None and v not in arms: raise RoutingError(name, f"arm {v!r} is not one of the arms {sorted(arms)}")
-        if weights is not None:
-            for k in weights:
-                if k not in arms: raise RoutingError("weights", f"arm {k!r} is not one of the arms {sorted(arms)}")
-        if strategy == "canary" and canary == fallback: raise RoutingError("canary", "the canary arm must differ from the fallback arm")
-        if strategy == "shadow" and shadow == fallback: raise RoutingError("shadow", "the shadow arm must differ from the fallback arm")
-        if strategy != "shadow" and shadow is not None: raise RoutingError("shadow", "only the 'shadow' strategy has a shadow arm")
-        return cls(strategy, dict(arms), fallback, live, canary, float(percent), weights,
-                   shadow, (float(prior[0]), float(prior[1])), salt, bf, float(bs))
-
     def to_dict(self) -> dict:
         d = asdict(self); d["prior"] = list(self.prior)
         return {k: v for k, v in d.items() if v is not None}
@@ -119,6 +51,77 @@ class RoutingConfig:
     def serving_arms(self) -> list[str]:
         "The arms that can answer a request (the fallback first; a shadow arm never answers)."
         return [self.fallback] + [a for a in self.arms if a != self.fallback and a != self.shadow]
+
+# %% ../nbs/41_routing.ipynb #fec016e0
+@patch(cls_method=True)
+def from_dict(cls: RoutingConfig, d) -> RoutingConfig:
+    "A complete, validated config from a JSON object (missing fields get their defaults)."
+    if d is None or d == {}: d = {"strategy": "single"}
+    if not isinstance(d, dict): raise RoutingError("(config)", f"must be a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - _FIELDS)
+    if unknown: raise RoutingError(unknown[0], f"unknown field; known fields: {', '.join(sorted(_FIELDS))}")
+    strategy = d.get("strategy", "single")
+    if strategy not in STRATEGIES: raise RoutingError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {strategy!r:.60}")
+    arms = d.get("arms")
+    if arms is not None:
+        if not isinstance(arms, dict) or not arms: raise RoutingError("arms", "must be a non-empty object {arm: alias or version}")
+        for k, v in arms.items():
+            if not _is_ref(k) or k == "shadow": raise RoutingError("arms", f"invalid arm name {k!r:.60} ('shadow' is reserved)")
+            if isinstance(v, int) and not isinstance(v, bool): v = str(v)
+            if not _is_ref(v): raise RoutingError("arms", f"arm {k!r}: the model reference must be an alias or a version number, got {v!r:.60}")
+        arms = {k: str(v) for k, v in arms.items()}
+    fallback = d.get("fallback", "champion")
+    if not _is_ref(fallback): raise RoutingError("fallback", f"must be an arm name, got {fallback!r:.60}")
+    def arm_field(name, default):
+        v = d.get(name, default)
+        if v is not None and not _is_ref(v): raise RoutingError(name, f"must be an arm name, got {v!r:.60}")
+        return v
+    live = arm_field("live", fallback if strategy in ("single", "blue_green") else None)
+    canary = arm_field("canary", "challenger" if strategy == "canary" else None)
+    shadow = arm_field("shadow", "challenger" if strategy == "shadow" else None)
+    percent = d.get("percent", 0.0 if strategy != "canary" else 10.0)
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
+        raise RoutingError("percent", f"must be a number from 0 to 100, got {percent!r:.60}")
+    weights = d.get("weights")
+    if strategy == "ab" and weights is None: weights = {"champion": 50, "challenger": 50}
+    if weights is not None:
+        if not isinstance(weights, dict) or not weights: raise RoutingError("weights", "must be a non-empty object {arm: weight}")
+        for k, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise RoutingError("weights", f"arm {k!r:.60}: weight must be a finite number >= 0, got {w!r:.60}")
+        if sum(weights.values()) <= 0: raise RoutingError("weights", "at least one weight must be > 0")
+        weights = {str(k): float(w) for k, w in weights.items()}
+    prior = d.get("prior", [1.0, 1.0])
+    if (not isinstance(prior, (list, tuple)) or len(prior) != 2
+            or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0 for p in prior)):
+        raise RoutingError("prior", f"must be [alpha, beta] with both > 0, got {prior!r:.60}")
+    salt = d.get("salt", "mlnb")
+    if not isinstance(salt, str) or len(salt) > 256: raise RoutingError("salt", "must be a string of at most 256 characters")
+    bf = d.get("breaker_failures", 5)
+    if isinstance(bf, bool) or not isinstance(bf, int) or not 1 <= bf <= 1_000_000:
+        raise RoutingError("breaker_failures", f"must be an integer from 1 to 1000000, got {bf!r:.60}")
+    bs = d.get("breaker_seconds", 30.0)
+    if isinstance(bs, bool) or not isinstance(bs, (int, float)) or not 0 < bs <= 86_400:
+        raise RoutingError("breaker_seconds", f"must be a number of seconds in (0, 86400], got {bs!r:.60}")
+    # the arms the strategy uses, then the declared arm table (defaults for the well-known names)
+    used = {fallback}
+    used |= {a for a in (live, canary, shadow) if a}
+    if strategy == "ab": used |= set(weights)
+    if strategy == "bandit": used |= set(arms or DEFAULT_ARMS)
+    if arms is None:
+        undeclared = sorted(a for a in used if a not in DEFAULT_ARMS)
+        if undeclared: raise RoutingError("arms", f"arm {undeclared[0]!r} is used but not declared; add \"arms\": {{{undeclared[0]!r}: alias or version}}")
+        arms = {a: DEFAULT_ARMS[a] for a in DEFAULT_ARMS if a in used}
+    for name, v in (("fallback", fallback), ("live", live), ("canary", canary), ("shadow", shadow)):
+        if v is not None and v not in arms: raise RoutingError(name, f"arm {v!r} is not one of the arms {sorted(arms)}")
+    if weights is not None:
+        for k in weights:
+            if k not in arms: raise RoutingError("weights", f"arm {k!r} is not one of the arms {sorted(arms)}")
+    if strategy == "canary" and canary == fallback: raise RoutingError("canary", "the canary arm must differ from the fallback arm")
+    if strategy == "shadow" and shadow == fallback: raise RoutingError("shadow", "the shadow arm must differ from the fallback arm")
+    if strategy != "shadow" and shadow is not None: raise RoutingError("shadow", "only the 'shadow' strategy has a shadow arm")
+    return cls(strategy, dict(arms), fallback, live, canary, float(percent), weights,
+               shadow, (float(prior[0]), float(prior[1])), salt, bf, float(bs))
 
 # %% ../nbs/41_routing.ipynb #837937aa
 def unit_hash(salt: str, key: str) -> float:

@@ -367,6 +367,19 @@ def _run_workers(study_dir: Path, workers: int, settings: Settings, nthread: int
         raise RuntimeError(f"tuning worker(s) {failed} of study {study_dir.name} failed (exit {procs[failed[0]][0].returncode}); "
                            f"last lines of {study_dir/f'worker-{failed[0]}.log'}:\n{tail}")
 
+# %% ../nbs/22_tune.ipynb #c20eacbc
+def _write_report(study, d: Path, result: TuneResult) -> dict:
+    ensure_dir(d)
+    out = {"best_params": write_json(d/"best_params.json", {"study": result.study_name, "metric": result.metric,
+                                                           "direction": result.direction, "best_value": result.best_value,
+                                                           "best_trial": result.best_trial, "best_iteration": result.best_iteration,
+                                                           "best_params": result.best_params, "counts": result.counts})}
+    tf = trials_frame(study)
+    if tf.height: tf.drop([c for c in tf.columns if tf[c].dtype == pl.Object]).write_csv(d/"trials.csv"); out["trials"] = d/"trials.csv"
+    for name, fig in study_figures(study).items():
+        fig.write_html(d/f"{name}.html", include_plotlyjs="cdn"); out[name] = d/f"{name}.html"
+    return out
+
 # %% ../nbs/22_tune.ipynb #97915d78
 PRIMARY_METRIC = {"binary": ("auc", True), "regression": ("rmse", False)}   # task -> (metric, larger is better)
 
@@ -497,18 +510,7 @@ def tune(spec: FeatureSpec, train: pl.DataFrame, valid: pl.DataFrame, settings: 
     result.seconds = time.time() - t0
     return result
 
-def _write_report(study, d: Path, result: TuneResult) -> dict:
-    ensure_dir(d)
-    out = {"best_params": write_json(d/"best_params.json", {"study": result.study_name, "metric": result.metric,
-                                                           "direction": result.direction, "best_value": result.best_value,
-                                                           "best_trial": result.best_trial, "best_iteration": result.best_iteration,
-                                                           "best_params": result.best_params, "counts": result.counts})}
-    tf = trials_frame(study)
-    if tf.height: tf.drop([c for c in tf.columns if tf[c].dtype == pl.Object]).write_csv(d/"trials.csv"); out["trials"] = d/"trials.csv"
-    for name, fig in study_figures(study).items():
-        fig.write_html(d/f"{name}.html", include_plotlyjs="cdn"); out[name] = d/f"{name}.html"
-    return out
-
+# %% ../nbs/22_tune.ipynb #b75bd334
 def best_params(settings: Settings, study_name: str, storage: str | None = None) -> tuple[dict, float]:
     "Best parameters and value of an existing study (for training a final model from a study run earlier)."
     try: study = optuna.load_study(study_name=study_name, storage=open_storage(storage or default_storage(settings)))

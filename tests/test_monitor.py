@@ -1,6 +1,7 @@
 """mlnb.monitor and mlnb.explain (SHAP) beyond the notebooks' inline examples: agreement with `shap`, the real
 prediction log, the real flights data, and speed on a million rows."""
-import time
+import json, time
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -136,3 +137,77 @@ def test_ks_subsample_is_reproducible_and_recorded():
     assert not full.sampled and full.n_reference == 400_000
     assert abs(full.statistic - r1.statistic) < 0.02
     assert psi(pl.Series([1.0, None] * 10), pl.Series([1.0] * 20)) > 1     # nulls are a bin of their own
+
+
+# --- issue 14, section 5: drift that is right (each example a test) -------------------------------------------------
+
+@pytest.mark.parametrize("ref,cur", [([5.0] * 2000, [6.0] * 2000), ([0.0] * 2000, [100.0] * 2000),
+                                     ([0.0, 1.0] * 1000, [0.0, 5.0] * 1000), ([5.0] * 300, [6.0] * 300)])
+def test_a_constant_or_low_cardinality_number_that_shifts_is_drift(ref, cur):
+    "PSI was 0 and the status ok although KS gave p = 0 (the open-ended top bin); now both see the shift."
+    from mlnb.monitor import compare_column
+    assert ks_test(ref, cur).p_value < 1e-10
+    assert psi(ref, cur) > 1
+    fd = compare_column(pl.Series(ref), pl.Series(cur), name="k")
+    assert fd.status == "drift" and fd.psi > 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 20])
+def test_a_few_rows_from_the_reference_distribution_are_insufficient_data(n):
+    rng = np.random.default_rng(n)
+    ref = _synth(rng, 5000)
+    rep = drift_report(ref, _synth(rng, n), settings=Settings())
+    assert rep.status == "insufficient data" and rep.summary["n_drifting"] == 0
+    assert {f.status for f in rep.features} == {"insufficient data"}
+    assert all("at least 30" in f.reason for f in rep.features)
+
+
+def test_drift_after_one_served_request_is_insufficient_data(tmp_path):
+    "`mlnb drift` after one served request said drift; the prediction log path now says insufficient data."
+    settings = Settings(home=tmp_path/"home")
+    rng = np.random.default_rng(8)
+    ref = _synth(rng, 5000)
+    spec = FeatureSpec.infer(ref, ["carrier", "distance", "temp", "dep_hour"], categorical=["carrier"])
+    _write_log(settings, spec, _synth(rng, 1), datetime(2026, 1, 1, tzinfo=timezone.utc))
+    rep = drift_from_predictions(settings, ref, spec, model_name="m")
+    assert rep.n_current == 1 and rep.status == "insufficient data"
+
+
+EVIDENTLY = Path(__file__).resolve().parents[1]/".refs"/"evidently"/"bin"/"python"
+_EV_SCRIPT = r"""
+import json, sys, pandas as pd
+from evidently import Report, Dataset, DataDefinition
+from evidently.presets import DataDriftPreset
+ref, cur = pd.read_csv(sys.argv[1]), pd.read_csv(sys.argv[2])
+dd = DataDefinition(numerical_columns=sys.argv[3].split(","), categorical_columns=sys.argv[4].split(","))
+res = Report([DataDriftPreset()]).run(Dataset.from_pandas(cur, data_definition=dd), Dataset.from_pandas(ref, data_definition=dd)).dict()
+print(json.dumps({m["config"]["column"]: [m["config"]["method"], m["value"]] for m in res["metrics"]
+                  if m["config"].get("type", "").endswith("ValueDrift")}))
+"""
+_METHODS = {"K-S p_value": "ks", "Wasserstein distance (normed)": "wasserstein", "chi-square p_value": "chi2",
+            "Z-test p_value": "z", "Jensen-Shannon distance": "jensenshannon"}
+
+
+@pytest.mark.parametrize("n", [800, 5000])
+def test_the_test_choice_and_distances_match_evidently(tmp_path, n):
+    "Evidently 0.7.23 (its own venv, `make .refs/evidently/.installed`) on the same frames: same test per column, "
+    "same Wasserstein / Jensen-Shannon distances and KS / z p-values (chi-square: homogeneity vs goodness of fit)."
+    if not EVIDENTLY.exists(): pytest.fail(f"{EVIDENTLY} is missing: run `make .refs/evidently/.installed`")
+    import subprocess
+    rng = np.random.default_rng(n)
+    def frame(shift):
+        return pl.DataFrame({"num": rng.normal(shift, 1, n), "few": rng.integers(0, 4, n).astype(float) + (shift > 0),
+                             "cat": rng.choice(["a", "b", "c", "d"], n, p=[0.4, 0.3, 0.2, 0.1] if not shift else [0.3] * 3 + [0.1]),
+                             "two": rng.choice(["y", "n"], n, p=[0.5 + shift / 4, 0.5 - shift / 4])})
+    ref, cur = frame(0.0), frame(0.2)
+    ref.write_csv(tmp_path/"r.csv"); cur.write_csv(tmp_path/"c.csv")
+    p = subprocess.run([str(EVIDENTLY), "-c", _EV_SCRIPT, str(tmp_path/"r.csv"), str(tmp_path/"c.csv"), "num,few", "cat,two"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    theirs = json.loads(p.stdout.strip().splitlines()[-1])
+    ours = drift_report(ref, cur, settings=Settings(), categorical=["cat", "two"])
+    for col, (method, value) in theirs.items():
+        f = ours[col]
+        assert f.test == _METHODS[method], (col, f.test, method)
+        got = f.p_value if f.test in ("ks", "z") else f.statistic
+        if f.test != "chi2": assert abs(got - value) < 1e-6, (col, f.test, got, value)
