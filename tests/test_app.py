@@ -154,8 +154,15 @@ def test_every_page_with_data(monkeypatch, app_home):
     table = at.dataframe[-1].value
     assert set(table["feature"]) >= set(db.ModelRegistry(s).load("champion").spec.names)
 
+    timeline = db.timeline_frame(s, name)
+    if not db.is_empty(timeline):                                          # `mlnb monitor` ran on the log
+        assert m["Chunks"] == str(timeline["chunk"].n_unique())
+        assert len(at.get("plotly_chart")) == 3                            # per-feature PSI, heatmap, latest report
+        assert any(set(d.value.columns) >= {"feature", "latest", "chunks_flagged"} for d in at.dataframe)   # quality
     at.switch_page("app_pages/performance.py").run()
     _clean(at, "performance")
+    if not db.is_empty(timeline) and db.performance_metrics(timeline):
+        assert len(at.get("plotly_chart")) == 1                            # realized + estimated with bands
     at.switch_page("app_pages/abtest.py").run()
     _clean(at, "abtest")
     if app_home["experiment"]:
