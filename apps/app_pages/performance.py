@@ -23,7 +23,7 @@ colors = {"realized": "#1f77b4", "estimated": "#ff7f0e"}
 for kind, part in ps.group_by("kind", maintain_order=True):
     kind = kind[0]; c = colors.get(kind, "#555")
     x = part["start"].to_list()
-    if part["upper"].drop_nulls().len():
+    if kind == "estimated" and part["upper"].drop_nulls().len():      # the estimate's expected range
         fig.add_trace(go.Scatter(x=x + x[::-1], y=part["upper"].to_list() + part["lower"].to_list()[::-1], fill="toself",
                                  line=dict(width=0), fillcolor=c, opacity=0.12, name=f"{kind} band", hoverinfo="skip"), 1, 1)
     fig.add_trace(go.Scatter(x=x, y=part["value"].to_list(), mode="lines+markers", name=kind, line=dict(color=c),
@@ -33,8 +33,8 @@ fig.add_trace(go.Bar(x=lab["start"].to_list(), y=lab["labeled_fraction"].to_list
                      marker_color="#7f7f7f"), 2, 1)
 fig.update_layout(height=520, margin=dict(l=10, r=10, t=30, b=10))
 st.plotly_chart(fig, width="stretch")
-st.caption("Bands: the estimate's expected range learned on the reference (CBPE sampling error). A realized value is "
-           "n/a while too few labels have arrived; hover a point for the reason.")
+st.caption("Band: the range the estimate is expected to stay in, learned on the reference chunks (outside it, the "
+           "monitor raises an alert). A realized value is n/a while too few labels have arrived; the table says why.")
 na = ps.filter(pl.col("value").is_null())
 if na.height:
     st.dataframe(na.select("start", "kind", "reason"), hide_index=True, width="stretch")
