@@ -373,6 +373,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlnb.dashboard._imp': ('dashboard.html#_imp', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard._run_action': ('dashboard.html#_run_action', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard._run_started': ('dashboard.html#_run_started', 'mlnb/dashboard.py'),
+                                'mlnb.dashboard._short': ('dashboard.html#_short', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard._ts': ('dashboard.html#_ts', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard.admin_action': ('dashboard.html#admin_action', 'mlnb/dashboard.py'),
                                 'mlnb.dashboard.alias_history': ('dashboard.html#alias_history', 'mlnb/dashboard.py'),

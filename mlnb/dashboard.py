@@ -366,13 +366,19 @@ def find_request(settings: Settings, request_id: str, model: str | None = None) 
     df = q.head(1).collect()
     return df.row(0, named=True) if df.height else None
 
+def _short(v) -> str:
+    "A feature value for a label: numbers with 4 significant digits, missing as `missing`."
+    if v is None: return "missing"
+    try: return f"{float(v):.4g}"
+    except (TypeError, ValueError): return str(v)
+
 def waterfall(contributions: pl.DataFrame, base_value: float, top: int = 10) -> pl.DataFrame:
     """Steps of a waterfall: `step` (base value, each of the `top` largest |contributions| with its value, `other
     N features`, `prediction`), `delta`, `start`, `end` (cumulative, in margin units)."""
     c = contributions.sort(pl.col("contribution").abs(), descending=True, maintain_order=True)
     head, rest = c.head(top), c.slice(top)
     steps = [("base value", float(base_value), "base")]
-    steps += [(f"{f} = {v}", float(x), "feature") for f, v, x in head.select("feature", "value", "contribution").iter_rows()]
+    steps += [(f"{f} = {_short(v)}", float(x), "feature") for f, v, x in head.select("feature", "value", "contribution").iter_rows()]
     if rest.height: steps.append((f"other {rest.height} features", float(rest["contribution"].sum()), "feature"))
     deltas = np.array([s[1] for s in steps])
     end = np.cumsum(deltas)

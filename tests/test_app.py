@@ -286,6 +286,18 @@ def _rendered(page, title: str, timeout: float):
                            " && !document.querySelector('[data-stale=\"true\"]')", timeout=timeout)
 
 
+_CHARTS_DRAWN = ("() => [...document.querySelectorAll('[data-testid=\"stPlotlyChart\"]')]"
+                 ".every(c => c.querySelector('.js-plotly-plot .main-svg'))")
+
+
+def _screenshot(page, path: Path, scroll_to: str | None = None):
+    "A screenshot once every plotly chart on the page is drawn (optionally scrolled to the text `scroll_to`)."
+    page.wait_for_function(_CHARTS_DRAWN, timeout=60_000)
+    if scroll_to: page.get_by_text(scroll_to).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)                                           # plotly's transitions
+    page.screenshot(path=str(path), full_page=scroll_to is None)
+
+
 def assert_clean(page):
     assert page.locator("[data-testid='stException']").count() == 0, page.inner_text("body")[:2000]
     body = page.inner_text("body")
@@ -318,18 +330,13 @@ def browse_all(url: str, shots: Path | None, expect: dict[str, str] | None = Non
                     if sel: page.locator(sel).first.wait_for(timeout=60_000)
                     times[slug][rnd] = round(time.perf_counter() - t0, 3)
                     assert_clean(page)
-                    if shots is not None and rnd == "cached_0":
-                        page.wait_for_timeout(500)                 # let plotly finish its transitions
-                        page.screenshot(path=str(shots/f"{slug}.png"), full_page=True)
+                    if shots is not None and rnd == "cached_0": _screenshot(page, shots/f"{slug}.png")
             if (expect or {}).get("request_id"):                   # one request explained, linked by its id
                 page.goto(f"{url}/explain?request_id={expect['request_id']}", wait_until="domcontentloaded")
                 _rendered(page, PAGES["explain"], timeout)
                 page.get_by_text("served by").first.wait_for(timeout=60_000)
                 assert_clean(page)
-                if shots is not None:
-                    page.get_by_text("Why this prediction?").first.scroll_into_view_if_needed()
-                    page.wait_for_timeout(500)
-                    page.screenshot(path=str(shots/"explain_request.png"))
+                if shots is not None: _screenshot(page, shots/"explain_request.png", scroll_to="Why this prediction?")
         finally:
             browser.close()
     return {slug: {"first_s": t["first_s"], "cached_s": round(float(np.median([v for k, v in t.items() if k != "first_s"])), 3)}
