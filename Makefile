@@ -7,7 +7,7 @@ BIN   := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: setup system-deps refs demo test check-clean check-export lint nbtest pytest export clean-pipelines lab app serve screenshots bench-app
+.PHONY: setup system-deps refs demo test check-clean check-export lint nbtest pytest export clean-pipelines lab app serve proto screenshots bench-app
 
 setup: $(VENV)/.installed
 
@@ -18,10 +18,13 @@ $(VENV)/.installed: uv.lock pyproject.toml
 	@touch $@
 
 # Debian packages: chromium (browser test of the app), redis-server (online store test), wrk (serving benchmark),
-# gcc (the server compiles trees to C with tl2cgen; without it, it serves with XGBoost).
+# gcc (the server compiles trees to C with tl2cgen; without it, it serves with XGBoost), postgresql (MLflow, Optuna and
+# serving state on PostgreSQL: the tests start throwaway clusters; its binaries live in /usr/lib/postgresql/*/bin,
+# not on PATH) and haproxy (serving replicas behind a load balancer).
 system-deps:
-	@missing=""; for p in chromium:chromium redis-server:redis-server wrk:wrk gcc:gcc; do \
+	@missing=""; for p in chromium:chromium redis-server:redis-server wrk:wrk gcc:gcc haproxy:haproxy; do \
 	  command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p##*:}"; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
@@ -81,6 +84,10 @@ pytest: setup .refs/evidently/.installed
 # Developer conveniences
 export: setup
 	$(BIN)/nbdev-export && $(BIN)/nbdev-clean && $(MAKE) --no-print-directory clean-pipelines
+
+# The gRPC modules generated from mlnb/proto/grpc_predict_v2.proto (committed; tests/test_protocols.py checks them)
+proto: setup
+	$(BIN)/python -c "from mlnb.grpc_server import generate_stubs, PROTO_DIR; generate_stubs(PROTO_DIR)"
 
 clean-pipelines: setup
 	$(BIN)/jupyter nbconvert --clear-output --inplace nbs/pipelines/*.ipynb 2>/dev/null

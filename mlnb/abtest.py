@@ -17,6 +17,7 @@ from .audit import audited
 from .predlog import read_predictions
 from .routing import RoutingConfig, Router
 from .feedback import ServingStore, state_path, read_feedback
+from .statedb import redact_url
 from .registry import ModelRegistry, load_model, PromotionRefused
 
 # %% auto #0
@@ -850,7 +851,7 @@ def ab_start(settings: Settings, exp_id: str) -> dict:
     store = ExperimentStore.for_settings(settings)
     row = store.get(exp_id); exp: Experiment = row["experiment"]; name = _model(settings, exp)
     with audited("ab_start", settings, model_name=name, rollback_available=True,
-                 resources=[f"experiment:{exp_id}", str(state_path(settings))]) as rec:
+                 resources=[f"experiment:{exp_id}", redact_url(state_path(settings))]) as rec:
         if row["status"] != "designed":
             raise ExperimentError(f"experiment {exp_id!r} v{row['version']} is {row['status']}; only a designed experiment can "
                                   "start (change its definition with `mlnb ab design` to run a new version)")
@@ -925,7 +926,7 @@ def ab_stop(settings: Settings, exp_id: str, decision: str, arm: str | None = No
     if decision not in ("ship", "rollback"): raise ExperimentError(f"decision must be 'ship' or 'rollback', got {decision!r}")
     store = ExperimentStore.for_settings(settings)
     row = store.get(exp_id); exp: Experiment = row["experiment"]; name = _model(settings, exp)
-    with audited("ab_stop", settings, model_name=name, resources=[f"experiment:{exp_id}", str(state_path(settings))]) as rec:
+    with audited("ab_stop", settings, model_name=name, resources=[f"experiment:{exp_id}", redact_url(state_path(settings))]) as rec:
         if row["status"] != "running": raise ExperimentError(f"experiment {exp_id!r} is {row['status']}, not running")
         now = time.time()
         a = analyze_experiment(settings, exp_id, until=now)

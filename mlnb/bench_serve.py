@@ -10,8 +10,9 @@ import numpy as np
 from .core import Settings, load_settings
 
 # %% auto #0
-__all__ = ['pct', 'Child', 'sequential', 'parse_wrk', 'concurrent_wrk', 'concurrent_httpx', 'concurrent', 'train_bench_model',
-           'bench_model', 'inprocess', 'run_bench', 'main']
+__all__ = ['PROTOCOL_KEYS', 'pct', 'Child', 'sequential', 'parse_wrk', 'concurrent_wrk', 'concurrent_httpx', 'concurrent',
+           'train_bench_model', 'bench_model', 'protocol_bodies', 'grpc_request', 'grpc_concurrent', 'sequential_mixed',
+           'protocol_result', 'check_protocols', 'inprocess', 'run_bench', 'main']
 
 # %% ../nbs/61_bench_serve.ipynb #d2d0f967
 def pct(xs, q: float) -> float:
@@ -156,6 +157,111 @@ def bench_model(home: str | None, keep: list) -> Settings:
     train_bench_model(s)
     return s
 
+# %% ../nbs/61_bench_serve.ipynb #2c455414
+def protocol_bodies(spec, records: list[dict], rows: int = 1, model: str = "model") -> dict[str, list[bytes]]:
+    "Bodies of `rows` records each: native `/predict`, `/invocations` (encoded dataframe_split), OIP REST and gRPC (model `model`)."
+    import orjson
+    chunks = [records[i:i + rows] for i in range(0, len(records) - rows + 1, max(1, rows // 2) if rows > 1 else 1)][:200]
+    def encoded(recs):
+        X = spec.encode_records(recs)
+        return [[None if math.isnan(v) else float(v) for v in row] for row in X]
+    def tensors(recs):
+        return [{"name": f.name, "datatype": "BYTES" if f.kind == "cat" else "FP32", "shape": [len(recs)],
+                 "data": [r[f.name] if f.kind != "cat" or r[f.name] is not None else "" for r in recs]} for f in spec.features]
+    return {"native": [orjson.dumps(c[0] if rows == 1 else {"records": c}) for c in chunks],
+            "invocations": [orjson.dumps({"dataframe_split": {"columns": spec.names, "data": encoded(c)}}) for c in chunks],
+            "oip_rest": [orjson.dumps({"inputs": tensors(c)}) for c in chunks],
+            "oip_grpc": [grpc_request(spec, model, c) for c in chunks]}
+
+def grpc_request(spec, model: str, recs: list[dict]) -> bytes:
+    "A serialized `ModelInferRequest` for `recs`: one tensor per feature as raw contents (as tritonclient.grpc sends)."
+    from mlnb.proto import grpc_predict_v2_pb2 as pb
+    from mlnb.protocols import encode_bytes
+    req = pb.ModelInferRequest(model_name=model)
+    for f in spec.features:
+        req.inputs.add(name=f.name, datatype="BYTES" if f.kind == "cat" else "FP32", shape=[len(recs)])
+        if f.kind == "cat": req.raw_input_contents.append(encode_bytes([r[f.name] or "" for r in recs]))
+        else: req.raw_input_contents.append(np.array([np.nan if r[f.name] is None else r[f.name] for r in recs], "<f4").tobytes())
+    return req.SerializeToString()
+
+# %% ../nbs/61_bench_serve.ipynb #1f49fd5e
+_INFER = "/inference.GRPCInferenceService/ModelInfer"
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]      # one TCP connection per channel
+
+def grpc_concurrent(target: str, bodies: list[bytes], seconds: float, connections: int = 16) -> dict:
+    "Throughput of `connections` concurrent callers, each on its own channel (connection), for `seconds`."
+    import grpc
+    lat, errors = [], [0]
+    async def worker(k):
+        async with grpc.aio.insecure_channel(target, options=_OWN_CONNECTION) as ch:
+            call, i = ch.unary_unary(_INFER), k
+            await call(bodies[i % len(bodies)], timeout=30)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                try: await call(bodies[i % len(bodies)], timeout=30); ok = True
+                except grpc.aio.AioRpcError: ok = False
+                lat.append((time.perf_counter() - t) * 1000); errors[0] += not ok; i += connections
+    async def main():
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(connections)))
+        return time.perf_counter() - t0
+    took = asyncio.run(main())
+    return {"rps": round(len(lat) / took, 1), "p50_ms_concurrent": round(pct(lat, 50), 3),
+            "p99_ms_concurrent": round(pct(lat, 99), 3), "errors": errors[0], "requests": len(lat),
+            "load_generator": "grpc.aio"}
+
+def sequential_mixed(targets: dict[str, tuple[str, list[bytes]]], n: int, warmup: int = 50) -> dict[str, dict]:
+    "Sequential latency of several routes measured in turn (request i of every route, then request i+1), so load from"
+    " other processes on the machine hits every route alike. `targets`: `{key: (http URL or gRPC host:port, bodies)}`."
+    import grpc, httpx
+    calls, lat, errors, closers = {}, {k: [] for k in targets}, dict.fromkeys(targets, 0), []
+    for k, (url, bodies) in targets.items():
+        if url.startswith("http"):
+            c = httpx.Client(timeout=30, headers={"content-type": "application/json"}); closers.append(c.close)
+            calls[k] = lambda b, c=c, url=url: c.post(url, content=b).status_code == 200
+        else:
+            ch = grpc.insecure_channel(url, options=_OWN_CONNECTION); closers.append(ch.close)
+            calls[k] = lambda b, f=ch.unary_unary(_INFER): f(b, timeout=30) is not None
+    try:
+        for i in range(warmup + n):
+            for k, (_, bodies) in targets.items():
+                t = time.perf_counter()
+                try: ok = calls[k](bodies[i % len(bodies)])
+                except (httpx.HTTPError, grpc.RpcError): ok = False
+                if i >= warmup: lat[k].append((time.perf_counter() - t) * 1000); errors[k] += not ok
+    finally:
+        for close in closers: close()
+    return {k: {"p50_ms": round(pct(v, 50), 3), "p99_ms": round(pct(v, 99), 3), "n": n, "errors": errors[k]}
+            for k, v in lat.items()}
+
+def protocol_result(seq1: dict, conc1: dict, seq100: dict, conc100: dict) -> dict:
+    "The benchmark keys of one protocol from its 1-row and 100-row sequential and concurrent runs."
+    return {"p50_ms": seq1["p50_ms"], "p99_ms": seq1["p99_ms"], "rps": conc1["rps"],
+            "p50_ms_concurrent": conc1["p50_ms_concurrent"], "p99_ms_concurrent": conc1["p99_ms_concurrent"],
+            "p50_ms_100rows": seq100["p50_ms"], "p99_ms_100rows": seq100["p99_ms"], "rps_100rows": conc100["rps"],
+            "errors": seq1["errors"] + conc1["errors"] + seq100["errors"] + conc100["errors"],
+            "load_generator": conc1.get("load_generator")}
+
+PROTOCOL_KEYS = ("invocations", "oip_rest", "oip_grpc")
+
+def check_protocols(base: str, target: str, bundle, one: dict, hundred: dict, records: list[dict]) -> None:
+    "Before timing: every protocol answers the first bodies with the booster's predictions (else `RuntimeError`)."
+    import grpc, httpx
+    from mlnb.proto import grpc_predict_v2_pb2 as pb
+    want = bundle.booster.inplace_predict(bundle.spec.encode_records(records[:100]))
+    for bodies, n in ((one, 1), (hundred, 100)):
+        r = httpx.post(base + "/invocations", content=bodies["invocations"][0], headers={"content-type": "application/json"})
+        got = {"invocations": r.json()["predictions"]}
+        r = httpx.post(f"{base}/v2/models/{bundle.name}/infer", content=bodies["oip_rest"][0])
+        got["oip_rest"] = r.json()["outputs"][0]["data"]
+        with grpc.insecure_channel(target) as ch:
+            raw = ch.unary_unary(_INFER)(bodies["oip_grpc"][0], timeout=30)
+        got["oip_grpc"] = np.frombuffer(pb.ModelInferResponse.FromString(raw).raw_output_contents[0], "<f4").tolist()
+        for k, v in got.items():
+            if len(v) != n or np.abs(np.asarray(v) - want[:n]).max() > 1e-6:
+                raise RuntimeError(f"{k} answered {v[:3]}..., the booster {want[:3].tolist()}...: not the same model")
+
 # %% ../nbs/61_bench_serve.ipynb #51fe0af5
 def inprocess(bundle, records: list[dict], cache_dir: Path, n: int = 5000) -> dict:
     "One-row latency (us) of mlnb's compiled predictor, XGBoost's inplace_predict, and mlnb's whole in-process path."
@@ -204,8 +310,9 @@ def run_bench(settings: Settings, requests: int = 2000, mlflow_requests: int = 3
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
         port = _free_port()
-        srv = Child([sys.executable, "-m", "mlnb.cli", "serve", "--host", "127.0.0.1", "--port", str(port)], env,
-                    tmp/"mlnb.log", cwd=settings.root)
+        gport = _free_port()
+        srv = Child([sys.executable, "-m", "mlnb.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                     "--grpc-port", str(gport)], env, tmp/"mlnb.log", cwd=settings.root)
         try:
             base = f"http://127.0.0.1:{port}"
             started = srv.wait(base + "/health/ready", 120)
@@ -217,6 +324,20 @@ def run_bench(settings: Settings, requests: int = 2000, mlflow_requests: int = 3
                               **concurrent(base + "/predict", mlnb_bodies, seconds, connections)}
             m = httpx.get(base + "/models", timeout=5).json()
             result["mlnb"]["engine"] = m["engine"]
+            one, hundred = (protocol_bodies(spec, records, k, bundle.name) for k in (1, 100))
+            check_protocols(base, f"127.0.0.1:{gport}", bundle, one, hundred, records)
+            urls = {"native": base + "/predict", "invocations": base + "/invocations",
+                    "oip_rest": f"{base}/v2/models/{bundle.name}/infer", "oip_grpc": f"127.0.0.1:{gport}"}
+            _log("protocols: sequential, interleaved")
+            seq1 = sequential_mixed({k: (u, one[k]) for k, u in urls.items()}, requests)
+            seq100 = sequential_mixed({k: (u, hundred[k]) for k, u in urls.items()}, max(100, requests // 4), 20)
+            result["mlnb"].update(p50_ms_100rows=seq100["native"]["p50_ms"], p99_ms_100rows=seq100["native"]["p99_ms"],
+                                  interleaved={"p50_ms": seq1["native"]["p50_ms"], "p99_ms": seq1["native"]["p99_ms"]})
+            for key in PROTOCOL_KEYS:
+                _log(f"protocol {key}: concurrent")
+                conc = grpc_concurrent if key == "oip_grpc" else concurrent
+                result[key] = protocol_result(seq1[key], conc(urls[key], one[key], seconds, connections), seq100[key],
+                                              conc(urls[key], hundred[key], seconds / 2, connections))
         finally: srv.stop()
         if not skip_mlflow:
             port = _free_port()
@@ -241,6 +362,11 @@ def run_bench(settings: Settings, requests: int = 2000, mlflow_requests: int = 3
         result["rps_ratio_vs_mlflow"] = round(result["mlnb"]["rps"] / result["mlflow"]["rps"], 1)
         result["p50_ratio_vs_mlflow"] = round(result["mlflow"]["p50_ms"] / result["mlnb"]["p50_ms"], 1)
     else: result["rps_ratio_vs_mlflow"] = None
+    base50, base100 = result["mlnb"]["interleaved"]["p50_ms"], result["mlnb"]["p50_ms_100rows"]   # measured in turn with them
+    result["p50_ratio_vs_native"] = {k: {"1row": round(result[k]["p50_ms"] / base50, 2),
+                                         "100rows": round(result[k]["p50_ms_100rows"] / base100, 2)} for k in PROTOCOL_KEYS}
+    result["goal_met_protocols"] = {**{f"{k}_p50_within_1.5x_native": result[k]["p50_ms"] <= 1.5 * base50 for k in PROTOCOL_KEYS},
+                                    "grpc_100rows_p50_le_rest": result["oip_grpc"]["p50_ms_100rows"] <= result["oip_rest"]["p50_ms_100rows"]}
     result["goal_met"] = {"p50_le_2ms": result["mlnb"]["p50_ms"] <= 2, "p99_le_5ms": result["mlnb"]["p99_ms"] <= 5,
                           "rps_ge_3000": result["mlnb"]["rps"] >= 3000}
     result["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -40,7 +40,7 @@ def cmd_run(args, settings: Settings) -> int:
 
 def cmd_serve(args, settings: Settings) -> int:
     from mlnb.serve import run_server
-    run_server(settings, host=args.host, port=args.port, workers=args.workers)
+    run_server(settings, host=args.host, port=args.port, workers=args.workers, grpc_port=args.grpc_port)
     return 0
 
 def cmd_app(args, settings: Settings) -> int:
@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the champion model over HTTP")
     s.add_argument("--host", default=None); s.add_argument("--port", type=int, default=None)
     s.add_argument("--workers", type=int, default=None, help="worker processes; 0 = one per core (settings.serve_workers)")
+    s.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the Open Inference Protocol over gRPC on this port (KServe v2, see mlnb.grpc_server)")
     s.set_defaults(fn=cmd_serve)
     a = sub.add_parser("app", help="start the Streamlit monitoring app")
     a.add_argument("--host", default=None); a.add_argument("--port", type=int, default=8501)

@@ -52,6 +52,7 @@ class Settings:
     max_null_fraction: float = 0.10        # basic data checks: more missing than this in a column stops a run
     online_store: str = ""                 # empty: sqlite:///<home>/features/online.db; or redis://host:port/db
     offline_store: str = ""                # empty: <home>/features/offline; or an fsspec URL, e.g. s3://bucket/features
+    predictions_store: str = ""            # empty: <home>/predictions; or an fsspec URL, e.g. s3://bucket/predictions
     dask_scheduler: str = ""               # empty: train in process; "local": a LocalCluster; or tcp://host:8786
     feature_modules: str = ""              # modules whose register_views() defines the feature views, e.g. mlnb.examples.flights
     # audit (mlnb.audit): change tickets, retention per record class, rotation, forwarding to a collector
@@ -73,7 +74,6 @@ class Settings:
     monitor_period: str = "day"            # timeline chunks: hour, day or week (or monitor_chunk_rows rows)
     monitor_chunk_rows: int = 0            # > 0: chunks of this many rows instead of periods
     monitor_rules: str = "monitoring.toml" # alert rules file, next to settings.ini
-    monitor_log: str = ""                  # empty: <home>/predictions; or an fsspec URL, e.g. s3://bucket/predictions
     monitor_k_std: float = 3.0             # learned thresholds: reference chunks' mean +- k std
 
     # derived locations ---------------------------------------------------------------------------------------

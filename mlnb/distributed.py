@@ -65,11 +65,15 @@ def to_dask(spec: FeatureSpec, data: pl.DataFrame | str | Path, client, label: b
     cols = [*spec.names] + ([spec.target] if label else [])
     ddf = dd.read_parquet(str(data), columns=cols)
     if ddf.npartitions < (n := _n_workers(client)): ddf = ddf.repartition(npartitions=n)   # every worker gets a share
-    meta = pd.DataFrame({n: pd.Series(dtype="float32") for n in spec.names})
-    def encode(pdf, spec=spec):
-        return pd.DataFrame(spec.encode_frame(pl.from_pandas(pdf[spec.names])), columns=spec.names, index=pdf.index)
-    X = ddf.map_partitions(encode, meta=meta)
-    return X, (ddf[spec.target].astype("float32") if label else None)
+    meta = pd.DataFrame({n: pd.Series(dtype="float32") for n in cols})
+    def encode(pdf, spec=spec, label=label):
+        out = pd.DataFrame(spec.encode_frame(pl.from_pandas(pdf[spec.names])), columns=spec.names, index=pdf.index)
+        if label: out[spec.target] = pdf[spec.target].astype("float32")
+        return out
+    # X and y from ONE map_partitions: read separately, dask may merge the label column's small files into fewer
+    # partitions than the features' (then xgboost.dask refuses the mismatched parts)
+    enc = ddf.map_partitions(encode, meta=meta)
+    return enc[spec.names], (enc[spec.target] if label else None)
 
 # %% ../nbs/23_distributed.ipynb #c332f26b
 def train_booster_dask(client, spec: FeatureSpec, train: pl.DataFrame | str | Path,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/44_predlog.ipynb #87bd1d8c
 from __future__ import annotations
-import atexit, itertools, os, sys, threading, time
+import atexit, io, itertools, os, sys, threading, time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 import polars as pl
@@ -12,7 +12,8 @@ from .core import Settings, ensure_dir
 from .schema import FeatureSpec
 
 # %% auto #0
-__all__ = ['BASE_SCHEMA', 'log_schema', 'records_to_frame', 'clean_stale_temp', 'PredictionLog', 'part_files', 'read_predictions']
+__all__ = ['BASE_SCHEMA', 'log_schema', 'records_to_frame', 'predictions_store', 'clean_stale_temp', 'PredictionLog',
+           'part_files', 'read_predictions']
 
 # %% ../nbs/44_predlog.ipynb #77db47fc
 BASE_SCHEMA: dict[str, pl.DataType] = {
@@ -59,6 +60,18 @@ def records_to_frame(records: list[dict], spec: FeatureSpec) -> pl.DataFrame:
         cols[f.name] = [conv((r.get("features") or {}).get(f.name)) for r in records]
     df = pl.DataFrame({k: pl.Series(k, v, dtype=pl.Int64 if k == "ts" else schema[k]) for k, v in cols.items()})
     return df.with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+
+# %% ../nbs/44_predlog.ipynb #468915c2
+def predictions_store(settings: Settings) -> tuple:
+    """`(None, Path)` for a local folder, or `(fs, root)` for an fsspec URL in `settings.predictions_store`
+    (e.g. `s3://bucket/predictions`; `file://` URLs and plain paths are local folders)."""
+    url = (getattr(settings, "predictions_store", "") or "").strip()
+    if not url: return None, Path(settings.predictions_dir)
+    if url.startswith("file://"): return None, Path(url.removeprefix("file://"))
+    if "://" not in url: return None, Path(url)
+    import fsspec                                   # optional dependency: only needed for remote logs
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
 
 # %% ../nbs/44_predlog.ipynb #ba07a40c
 def _stderr(msg: str) -> None:
@@ -113,7 +126,8 @@ class PredictionLog:
     "Buffered, thread-safe writer of prediction-log part files (see the module docs for the layout)."
     def __init__(self, settings: Settings, feature_spec: FeatureSpec, flush_rows: int | None = None,
                  flush_seconds: float | None = None, max_buffer: int | None = None, start: bool = True):
-        self.spec, self.dir = feature_spec, Path(settings.predictions_dir)
+        self.spec = feature_spec
+        self.fs, self.dir = predictions_store(settings)     # fs: None for a local folder, else object storage
         self.schema = log_schema(feature_spec)
         self.flush_rows = max(1, int(flush_rows or settings.log_flush_rows))
         self.flush_seconds = float(flush_seconds or settings.log_flush_seconds)
@@ -125,7 +139,7 @@ class PredictionLog:
         self.rows_written = self.files_written = self.failures = self.dropped = 0
         self.last_error: str | None = None
         self._thread = None
-        clean_stale_temp(self.dir)
+        if self.fs is None: clean_stale_temp(self.dir)
         if start:
             self._thread = threading.Thread(target=self._run, name="mlnb-predlog", daemon=True)
             self._thread.start()
@@ -163,11 +177,18 @@ class PredictionLog:
             _stderr(f"dropped {len(records) - len(good)} malformed prediction record(s): {type(e).__name__}: {e}")
             return records_to_frame(good, self.spec) if good else None
 
-    def _write(self, day: date, df: pl.DataFrame) -> Path:
+    def _write(self, day: date, df: pl.DataFrame) -> Path | str:
         "Atomically write one part file for UTC date `day`."
-        d = ensure_dir(self.dir/f"date={day.isoformat()}")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        path = d/f"part-{stamp}-{os.getpid()}-{next(self._seq):06d}.parquet"
+        name = f"part-{stamp}-{os.getpid()}-{next(self._seq):06d}.parquet"
+        if self.fs is not None:                       # object storage: one PUT is atomic, no temporary file
+            buf = io.BytesIO()
+            df.sort("ts", maintain_order=True).write_parquet(buf, compression="zstd", statistics=True)
+            path = f"{self.dir}/date={day.isoformat()}/{name}"
+            self.fs.pipe_file(path, buf.getvalue())
+            return path
+        d = ensure_dir(self.dir/f"date={day.isoformat()}")
+        path = d/name
         tmp = d/f".{path.name}.tmp"
         try:
             with open(tmp, "wb") as f:
@@ -224,27 +245,42 @@ class PredictionLog:
     def __exit__(self, *exc): self.close()
 
 # %% ../nbs/44_predlog.ipynb #318ee568
-def part_files(settings: Settings, since=None, until=None) -> list[Path]:
-    "The prediction-log part files whose date folder can hold rows in `[since, until)`."
-    root = Path(settings.predictions_dir)
-    if not root.is_dir(): return []
+def part_files(settings: Settings, since=None, until=None) -> list[Path | str]:
+    "The prediction-log part files (paths, or keys on the `predictions_store`) whose date folder can hold rows in `[since, until)`."
+    fs, root = predictions_store(settings)
+    if fs is None:
+        if not root.is_dir(): return []
+        dirs = [(d.name, d) for d in sorted(root.glob("date=*"))]
+        parts = lambda d: sorted(p for p in d.glob("part-*.parquet") if p.is_file())
+    else:
+        fs.invalidate_cache()                          # other replicas add parts all the time
+        dirs = [(d.rsplit("/", 1)[-1], d) for d in sorted(fs.glob(f"{root}/date=*"))]
+        parts = lambda d: sorted(fs.glob(f"{d}/part-*.parquet"))
     lo = _to_utc(since).date() if since is not None else None
     hi = _to_utc(until).date() if until is not None else None
     out = []
-    for d in sorted(root.glob("date=*")):
-        try: day = date.fromisoformat(d.name[5:])
+    for name, d in dirs:
+        try: day = date.fromisoformat(name[5:])
         except ValueError: continue
         if (lo and day < lo) or (hi and day > hi): continue
-        out += sorted(p for p in d.glob("part-*.parquet") if p.is_file())
+        out += parts(d)
     return out
+
+def _read_parts(settings: Settings, paths: list) -> list[pl.DataFrame]:
+    "The frames of `paths` (local files, or objects fetched concurrently from the store); unreadable ones skipped."
+    fs, _ = predictions_store(settings)
+    if fs is not None: items = list(fs.cat(paths, on_error="omit").items()) if paths else []
+    else: items = [(p, p) for p in paths]
+    frames = []
+    for p, src in items:
+        try: frames.append(pl.read_parquet(io.BytesIO(src) if isinstance(src, bytes) else src))
+        except FileNotFoundError: continue
+        except Exception as e: _stderr(f"skipping unreadable part file {p}: {e!r}")
+    return frames
 
 def read_predictions(settings: Settings, since=None, until=None) -> pl.DataFrame:
     "All logged predictions with `since <= ts < until`, sorted by `ts`."
-    frames = []
-    for p in part_files(settings, since, until):
-        try: frames.append(pl.read_parquet(p))
-        except FileNotFoundError: continue
-        except Exception as e: _stderr(f"skipping unreadable part file {p}: {e!r}")
+    frames = _read_parts(settings, part_files(settings, since, until))
     if not frames: return pl.DataFrame(schema=BASE_SCHEMA)
     df = pl.concat(frames, how="diagonal_relaxed")
     if since is not None: df = df.filter(pl.col("ts") >= _to_utc(since))

@@ -19,8 +19,8 @@ __all__ = ['LATENCY_BUCKETS', 'CONTENT_TYPE', 'COUNTERS', 'multiprocess_dir', 'p
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 COUNTERS = {
-    "mlnb_requests_total": ("HTTP requests answered, by route, status, model version and arm",
-                            ("route", "status", "model_version", "arm")),
+    "mlnb_requests_total": ("requests answered, by route, status, model version, arm and protocol",
+                            ("route", "status", "model_version", "arm", "protocol")),
     "mlnb_prediction_errors_total": ("exceptions raised by a model arm while predicting", ("model_version", "arm")),
     "mlnb_fallbacks_total": ("requests answered by the fallback arm instead of the routed one", ("arm", "reason")),
     "mlnb_shadow_total": ("shadow predictions, by outcome", ("outcome",)),
@@ -68,8 +68,8 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=False)
         self.counters = {n: Counter(n, h, labels, registry=self.registry) for n, (h, labels) in COUNTERS.items()}
-        self.latency = Histogram("mlnb_request_duration_seconds", "time from request start to answer, /predict 200s",
-                                 ("model_version", "arm"), buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency = Histogram("mlnb_request_duration_seconds", "time from request start to answer, prediction 200s",
+                                 ("model_version", "arm", "protocol"), buckets=LATENCY_BUCKETS, registry=self.registry)
         self.multiprocess = multiprocess_dir() is not None
         self._children: dict = {}
         self._hist: dict = {}
@@ -83,12 +83,13 @@ class Metrics:
             c = self._children[k] = c.labels(*labels) if labels else c
         c.inc()
 
-    def observe(self, route: str, status: int, version: str, arm: str, seconds: float) -> None:
-        "Count one answer; a 200 with a model version also goes into the latency histogram (`seconds`)."
-        self.inc("mlnb_requests_total", route, str(status), version, arm)
+    def observe(self, route: str, status: int, version: str, arm: str, seconds: float, protocol: str = "native") -> None:
+        "Count one answer of `protocol` (native, mlflow, oip_rest, oip_grpc); a 200 with a model version also goes into the latency histogram (`seconds`)."
+        self.inc("mlnb_requests_total", route, str(status), version, arm, protocol)
         if status == 200 and version:
-            h = self._hist.get((version, arm))
-            if h is None: h = self._hist[(version, arm)] = self.latency.labels(version, arm)
+            k = (version, arm, protocol)
+            h = self._hist.get(k)
+            if h is None: h = self._hist[k] = self.latency.labels(version, arm, protocol)
             h.observe(seconds)
 
     def render(self, gauges: list[tuple[str, str, dict, float]] = ()) -> bytes:

@@ -15,6 +15,7 @@ from .schema import InvalidRecord, FeatureSpec
 from .routing import RoutingConfig, RoutingError
 from .rollout import Rollout, StaticSource, _stderr
 from .prometheus import multiprocess_dir, prepare_multiprocess_dir
+from .protocols import PROTOCOL_ROUTES, PREFIX_ROUTES, openapi_paths
 
 # %% auto #0
 __all__ = ['ROUTES', 'HTTPError', 'parse_records', 'parse_feedback', 'ServeApp', 'predict', 'feedback', 'live', 'ready', 'models',
@@ -111,8 +112,9 @@ def parse_feedback(payload, max_batch: int) -> list[dict]:
 # %% ../nbs/46_serve.ipynb #328fc462
 class ServeApp:
     "The model server's ASGI application (see `create_app`); keyword arguments go to `mlnb.rollout.Rollout`."
-    def __init__(self, settings: Settings, source=None, **kw):
+    def __init__(self, settings: Settings, source=None, grpc_address: str | None = None, **kw):
         self.settings = settings
+        self.grpc_address, self._grpc = grpc_address, None   # `host:port`: also serve the OIP gRPC service (mlnb.grpc_server)
         self.rollout = Rollout(settings, source, **kw)
         self.metrics = self.rollout.metrics
         self.max_body, self.max_batch = int(settings.max_body_bytes), int(settings.max_batch)
@@ -139,11 +141,16 @@ class ServeApp:
                 try:
                     await asyncio.to_thread(self.rollout.load)
                     self.rollout.start_background()
+                    if self.grpc_address:
+                        from mlnb.grpc_server import start_grpc     # grpcio is loaded only when gRPC is served
+                        self._grpc = await start_grpc(self, self.grpc_address)
                 except BaseException as e:   # load() handles Exceptions itself; this is e.g. KeyboardInterrupt
                     await send({"type": "lifespan.startup.failed", "message": repr(e)}); return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
-                try: await asyncio.to_thread(self.rollout.close)
+                try:
+                    if self._grpc is not None: await self._grpc.stop(2)
+                    await asyncio.to_thread(self.rollout.close)
                 except Exception as e:
                     await send({"type": "lifespan.shutdown.failed", "message": repr(e)}); return
                 await send({"type": "lifespan.shutdown.complete"}); return
@@ -155,6 +162,8 @@ async def _http(self: ServeApp, scope, receive, send):
     path = scope["path"]
     try:
         handler = ROUTES.get((scope["method"], path))
+        if handler is None:
+            handler = next((h for prefix, h in PREFIX_ROUTES if path.startswith(prefix)), None)
         if handler is None:
             method = _PATHS.get(path)
             if method is None:
@@ -337,7 +346,8 @@ ROUTES: dict[tuple[str, str], Callable] = {
     ("POST", "/predict"): predict, ("POST", "/feedback"): feedback,
     ("GET", "/health/live"): live, ("GET", "/health/ready"): ready, ("GET", "/models"): models,
     ("GET", "/metrics"): metrics, ("GET", "/openapi.json"): openapi,
-    ("POST", "/admin/reload"): admin_reload, ("POST", "/admin/routing"): admin_routing}
+    ("POST", "/admin/reload"): admin_reload, ("POST", "/admin/routing"): admin_routing,
+    **PROTOCOL_ROUTES}      # MLflow's /invocations, /ping, /health, /version and the OIP /v2 routes (mlnb.protocols)
 _PATHS = {p: m for m, p in ROUTES}      # path -> its one method (404 vs 405)
 
 # %% ../nbs/46_serve.ipynb #8f164700
@@ -398,6 +408,7 @@ def openapi_spec(spec: FeatureSpec | None, max_batch: int = 10_000, title: str =
                                       "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/admin/reload": {"post": {"operationId": "adminReload", "security": admin, "summary": "Re-check the registry now",
                                        "responses": {"200": J("Models"), "503": E("no model could be loaded"), **admin_err}}},
+            **openapi_paths(max_batch),
             "/admin/routing": {"post": {"operationId": "adminRouting", "security": admin, "summary": "Set the routing live",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Routing"}}}},
                 "responses": {"200": J("Models"), "400": E("malformed body"), "409": E("an arm has no loadable model"),
@@ -426,8 +437,8 @@ def create_app(settings: Settings | None = None, loader: Callable | None = None,
     return ServeApp(settings, source, **kw)
 
 def worker_app() -> ServeApp:
-    "The app of one uvicorn worker process (settings from the `MLNB_*` environment)."
-    return create_app(load_settings())
+    "The app of one uvicorn worker process (settings from the `MLNB_*` environment; gRPC address from `MLNB_SERVE_GRPC`)."
+    return create_app(load_settings(), grpc_address=os.environ.get("MLNB_SERVE_GRPC") or None)
 
 @asynccontextmanager
 async def lifespan(app):
@@ -456,8 +467,9 @@ def serve_workers(settings: Settings | None = None, workers: int | None = None) 
     return w if w > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 def run_server(settings: Settings | None = None, host: str | None = None, port: int | None = None,
-               loader: Callable | None = None, log_level: str = "info", workers: int | None = None) -> None:
-    "Serve the model over HTTP until SIGTERM/SIGINT (then flush the prediction logs and return)."
+               loader: Callable | None = None, log_level: str = "info", workers: int | None = None,
+               grpc_port: int | None = None) -> None:
+    "Serve the model over HTTP (and the OIP gRPC service on `grpc_port`) until SIGTERM/SIGINT, then flush the logs."
     import uvicorn
     settings = settings or load_settings()
     n = serve_workers(settings, workers)
@@ -465,8 +477,9 @@ def run_server(settings: Settings | None = None, host: str | None = None, port: 
               loop="uvloop" if _installed("uvloop") else "asyncio", http="httptools" if _installed("httptools") else "h11",
               lifespan="on", access_log=False, log_level=log_level, server_header=False, date_header=False,
               timeout_graceful_shutdown=5, timeout_keep_alive=30, backlog=4096)
+    grpc_address = f"{kw['host']}:{int(grpc_port)}" if grpc_port else None
     if n == 1:
-        app = create_app(settings, loader)
+        app = create_app(settings, loader, grpc_address=grpc_address)
         try: uvicorn.Server(uvicorn.Config(app, **kw)).run()
         except KeyboardInterrupt: pass         # uvicorn re-raises SIGINT after its graceful shutdown
         finally: app.close()
@@ -474,7 +487,7 @@ def run_server(settings: Settings | None = None, host: str | None = None, port: 
     if loader is not None: raise ValueError("a custom loader serves in one process only; use workers=1")
     given = multiprocess_dir()             # the user's own folder is emptied, ours is created and removed
     mdir = prepare_multiprocess_dir(given)  # before the workers start: they choose multiprocess mode on import
-    os.environ.update({**settings.to_env(), "MLNB_SERVE_PARENT": str(os.getpid())})
+    os.environ.update({**settings.to_env(), "MLNB_SERVE_PARENT": str(os.getpid()), "MLNB_SERVE_GRPC": grpc_address or ""})
     _stderr(f"starting {n} worker processes")
     try: uvicorn.run("mlnb.serve:worker_app", factory=True, workers=n, **kw)
     except KeyboardInterrupt: pass

@@ -384,7 +384,7 @@ class Timeline:
     chunk_rows: int | None = None           # > 0: chunks of this many rows instead
     features: Sequence[str] | None = None
     categorical: Sequence[str] = ()
-    log: str | None = None                  # the log's folder or fsspec URL (default settings.monitor_log or predictions_dir)
+    log: str | None = None                  # the log's folder or fsspec URL (default settings.predictions_store or predictions_dir)
     storage_options: dict | None = None
     thresholds: dict = field(default_factory=dict)
     explain_rows: int = 2000
@@ -401,7 +401,7 @@ class Timeline:
         self.period = None if self.chunk_rows > 0 else (self.period or s.monitor_period)
         if self.period is not None and self.period not in PERIODS:
             raise ValueError(f"unknown period {self.period!r}; use one of {', '.join(PERIODS)} or chunk_rows > 0")
-        self.log = str(self.log or s.monitor_log or s.predictions_dir)
+        self.log = str(self.log or s.predictions_store or s.predictions_dir)
         self.th = DriftThresholds.from_settings(s)
         self.profile = reference_profile(self.reference, self.spec, self.features, self.categorical, self.booster,
                                          k_std=s.monitor_k_std, seed=self.seed)

@@ -22,15 +22,16 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from .core import Settings, load_settings, ensure_dir, write_json, atomic_write_bytes, parse_range
 from .data import load_table, frame_fingerprint
+from .statedb import redact_url
 from .schema import FeatureSpec
 from .params import search_limits
 from .train import make_params, make_dmatrix, boost, metric_maximize, time_split, ordered_split
 
 # %% auto #0
 __all__ = ['PARAM_LIMITS', 'DEFAULT_SPACE', 'STALE_AFTER', 'PRIMARY_METRIC', 'Dim', 'SearchSpaceError', 'SearchSpace',
-           'default_storage', 'open_storage', 'redact_url', 'recover_stale_trials', 'make_sampler', 'make_pruner',
-           'run_worker', 'TuneResult', 'trials_frame', 'study_figures', 'ParamChoice', 'select_params', 'tune',
-           'best_params', 'build_parser', 'main']
+           'default_storage', 'open_storage', 'recover_stale_trials', 'make_sampler', 'make_pruner', 'run_worker',
+           'TuneResult', 'trials_frame', 'study_figures', 'ParamChoice', 'select_params', 'tune', 'best_params',
+           'build_parser', 'main']
 
 # %% ../nbs/22_tune.ipynb #60dc5695
 PARAM_LIMITS = search_limits()   # name: (kind, lowest, highest) or ("choice", allowed values): the tuning view of mlnb.params.HYPERPARAMETERS
@@ -153,12 +154,6 @@ def open_storage(url: str):
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1), **kw)
     raise ValueError(f"storage {url!r}: expected journal:/path/file.log or an RDB URL such as sqlite:///path/optuna.db "
                      "or postgresql://user@host/db")
-
-def redact_url(url: str) -> str:
-    "`url` without a password, for logs and tags."
-    p = urlsplit(url)
-    if p.password: return urlunsplit(p._replace(netloc=p.netloc.replace(f":{p.password}@", ":***@")))
-    return url
 
 # %% ../nbs/22_tune.ipynb #a2a8cac0
 def _worker_id() -> dict:

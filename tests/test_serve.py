@@ -147,6 +147,7 @@ def test_openapi_fuzzing_finds_no_server_error(server, tmp_path):
     st = Path(sys.executable).with_name("st")
     p = subprocess.run([str(st), "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error",
                         "--max-examples", "25", "--seed", "7", "--header", f"Authorization: Bearer {ADMIN_TOKEN}",
+                        "--exclude-path-regex", "^/(invocations|ping|version|v2)|^/health$",   # tests/test_protocols.py
                         "--request-timeout", "20"],
                        capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:] + server.log()
