@@ -53,6 +53,8 @@ if not lib.empty(svc):
     fig.add_trace(go.Scatter(x=x, y=svc["error_rate"].to_list(), name="error rate", mode="lines"), 1, 3)
     fig.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10), showlegend=False)
     st.plotly_chart(fig, width="stretch")
+    if svc["error_rate"].is_null().all():
+        st.caption("Error rate n/a: the prediction log records successful predictions only (no status or error column).")
 
 st.subheader("Last pipeline runs")
 runs = ov["runs"]
