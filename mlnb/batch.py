@@ -10,15 +10,18 @@ import numpy as np
 import polars as pl
 from .core import Settings, load_settings, ensure_dir
 from .schema import InvalidRecord, FeatureSpec, check_frame_records
+from .data import NULL_MARKERS
 
 # %% auto #0
 __all__ = ['predict_file', 'predict_cli']
 
 # %% ../nbs/47_batch.ipynb #9b63e18f
-def _reader(path: Path, chunk: int):
+def _reader(path: Path, chunk: int, spec=None):
     suf = path.suffix.lower()
     if suf == ".parquet": lf = pl.scan_parquet(path)
-    elif suf in (".csv", ".txt", ".gz"): lf = pl.scan_csv(path, infer_schema_length=10_000)
+    elif suf in (".csv", ".txt", ".gz"):   # parsed with the model's schema, never re-inferred (an all-empty column is null)
+        types = {f.name: pl.String for f in spec.features if f.kind == "cat"} if spec is not None else None
+        lf = pl.scan_csv(path, infer_schema_length=10_000, schema_overrides=types, null_values=list(NULL_MARKERS))
     else: raise ValueError(f"{path}: unknown file type {suf!r}; use .csv or .parquet")
     return lf.collect_batches(chunk_size=chunk)
 
@@ -52,7 +55,7 @@ def predict_file(settings: Settings, input: Path | str, output: Path | str, ref:
     writer, schema = None, None
     try:
         with open(tmp, "wb") as fh:
-            for df in _reader(inp, chunk_size):
+            for df in _reader(inp, chunk_size, spec):
                 X, errors = check_frame_records(spec, df, rows)
                 nbad = sum(e is not None for e in errors)
                 if nbad and invalid == "fail":

@@ -136,8 +136,9 @@ def _head(card, S, model_info, report, comparisons, gate_result, lineage, spec, 
     # summary
     s = S("Summary")
     if gate_result is not None:
-        s.append(("text", f"Release gate **{gate_result.decision.upper()}** against champion version "
-                          f"{model_info.get('champion_version', '?')} on {report.data.get('rows', '?') if report else '?'} held-out rows."))
+        champ = model_info.get("champion_version", "?")
+        s.append(("text", f"Release gate **{gate_result.decision.upper()}** against "
+                          + (f"champion version {champ}" if champ is not None else "no champion") + " on {report.data.get('rows', '?') if report else '?'} held-out rows."))
         if comparisons and gate_result.primary in comparisons:
             c = comparisons[gate_result.primary]
             m_ = gate_result.settings.get("margin", 0.0)
@@ -155,7 +156,8 @@ def _head(card, S, model_info, report, comparisons, gate_result, lineage, spec, 
     # data
     d = S("Data")
     params = lineage.get("params", {})
-    train = {k: v for k, v in {"source": lineage.get("data"), "window (months)": params.get("months"),
+    train = {k: v for k, v in {"source": lineage.get("data"), "target": params.get("target"),
+                               "positive class": params.get("positive_class"), "window (months)": params.get("months"),
                                "sample": params.get("sample"),
                                "train rows": params.get("train_rows"), "valid rows": params.get("valid_rows"),
                                "test rows": params.get("test_rows"), "data SHA-256": lineage.get("data_sha256")}.items() if v is not None}
@@ -256,10 +258,12 @@ def _tail(card, S, model_info, gate_result, lineage, params, name, version):
 
 def model_card(model_info: Mapping, report=None, comparisons: Mapping | None = None, gate_result=None,
                lineage: Mapping | None = None, intended_use: str | None = None, bias_comparisons: Mapping | None = None,
-               limitations: Sequence[str] | None = None, spec: FeatureSpec | None = None) -> ModelCard:
+               limitations: Sequence[str] | None = None, spec: FeatureSpec | None = None,
+               warnings: Sequence[str] = ()) -> ModelCard:
     """A `ModelCard` from whatever is given: `model_info` (name, version, champion_version), an `EvaluationReport`,
     champion comparisons (`mlnb.metrics.compare`) and `bias_comparisons` (`mlnb.fairness.compare_bias`), a
-    `GateResult`, the registry `lineage`, and the project's `intended_use` text and `limitations` list."""
+    `GateResult`, the registry `lineage`, and the project's `intended_use` text and `limitations` list; `warnings`
+    (e.g. `mlnb.metrics.leakage_warnings`) are listed first under Limitations."""
     lineage = dict(lineage or {})
     name, version = model_info.get("name", lineage.get("name", "model")), model_info.get("version", lineage.get("version", "?"))
     card = ModelCard(f"Model card: {name} version {version}")
@@ -268,5 +272,7 @@ def model_card(model_info: Mapping, report=None, comparisons: Mapping | None = N
                    intended_use or DEFAULT_INTENDED_USE)
     _results(card, S, model_info, report, comparisons, bias_comparisons, lineage)
     _tail(card, S, model_info, gate_result, lineage, params, name, version)
-    S("Limitations").append(("list", list(limitations or DEFAULT_LIMITATIONS)))
+    task = (report.data.get("task") if report else None) or (spec.task if spec else None)
+    default = [l for l in DEFAULT_LIMITATIONS if task == "binary" or not l.startswith("Probabilities")]
+    S("Limitations").append(("list", [f"Warning: {w}" for w in warnings] + list(limitations or default)))
     return card

@@ -27,7 +27,11 @@ def parse_kv(pairs: list[str] | None) -> dict:
 
 # %% ../nbs/60_cli.ipynb #de23993e
 def cmd_run(args, settings: Settings) -> int:
-    from mlnb.pipeline import run_pipeline, PipelineError
+    from mlnb.pipeline import run_pipeline, PipelineError, parameters_help
+    if args.help or not args.name:   # `mlnb run NAME --help`: the pipeline's own parameters
+        try: print(parameters_help(args.name, settings) if args.name else build_parser()._run_help)
+        except (ValueError, FileNotFoundError) as e: print(f"mlnb run: {e}", file=sys.stderr); return 2
+        return 0 if args.help else 2
     try:
         r = run_pipeline(args.name, parse_kv(args.param), settings, run_id=args.run_id, log_output=args.log_output)
     except PipelineError as e:
@@ -123,9 +127,12 @@ def cmd_audit(args, settings: Settings) -> int:
     return 0
 
 def cmd_runs(args, settings: Settings) -> int:
-    from mlnb.pipeline import list_runs
-    for r in list_runs(settings, args.name)[: args.limit]:
-        print(f"{r['name']:<10} {r['run_id']:<24} {r['outcome']:<8} {r['seconds']:>8.1f}s  {r['notebook']}")
+    from mlnb.schedule import runs_index, write_runs_index
+    for r in runs_index(settings, args.name)[: args.limit]:
+        fc = r["failed_cell"]
+        print(f"{r['pipeline']:<10} {r['run_id']:<24} {r['status']:<8} {r['seconds'] or 0:>8.1f}s  "
+              f"{'cell ' + str(fc['index']) + ': ' + str(fc['ename']) if fc else '':<28} {r['mlflow_run_id'] or '':<34} {r['notebook']}")
+    print(f"index: {write_runs_index(settings)}")
     return 0
 
 def cmd_settings(args, settings: Settings) -> int:
@@ -300,6 +307,8 @@ DELEGATED = {"models": ("mlnb.registry", "models_cli", "list, show, promote, rol
              "tune": ("mlnb.tune", "main", "Optuna hyperparameter search (parallel workers)"),
              "predict": ("mlnb.batch", "predict_cli", "batch scoring of a CSV/Parquet file"),
              "features": ("mlnb.features", "features_cli", "feature views, materialization, online store"),
+             "schedule": ("mlnb.schedule", "schedule_cli", "run pipelines on the cron expressions of schedule.toml"),
+             "retrain": ("mlnb.retrain", "retrain_cli", "the retrain -> gate -> shadow -> canary -> promote loop"),
              "ab": ("mlnb.abtest", "ab_cli", "A/B experiments between model versions: design, start, status, stop"),
              "feedback": ("mlnb.performance", "feedback_cli", "import late labels (CSV/Parquet) for logged predictions"),
              "monitor": ("mlnb.alerts", "monitor_cli", "monitoring timeline, alert rules and report: run, alerts")}
@@ -330,11 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--change-ticket", metavar="ID", help="change ticket recorded in the audit trail (required for "
                    "production changes where settings.change_ticket_environments says so; or MLNB_CHANGE_TICKET)")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a pipeline notebook with papermill into reports/NAME/RUN_ID/")
-    r.add_argument("name", help="pipeline name in nbs/pipelines, or a notebook path")
+    r = sub.add_parser("run", help="run a pipeline notebook with papermill into reports/NAME/RUN_ID/", add_help=False)
+    r.add_argument("name", nargs="?", help="pipeline name in nbs/pipelines, or a notebook path")
+    r.add_argument("-h", "--help", action="store_true", help="show the pipeline's parameters (types, defaults, help)")
     r.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="a parameter (repeatable)")
     r.add_argument("--run-id", default=None); r.add_argument("--log-output", action="store_true")
     r.set_defaults(fn=cmd_run)
+    p._run_help = r.format_help()
     s = sub.add_parser("serve", help="serve the champion model over HTTP")
     s.add_argument("--host", default=None); s.add_argument("--port", type=int, default=None)
     s.add_argument("--workers", type=int, default=None, help="worker processes; 0 = one per core (settings.serve_workers)")

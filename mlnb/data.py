@@ -9,23 +9,36 @@ from pathlib import Path
 import polars as pl
 
 # %% auto #0
-__all__ = ['load_table', 'frame_fingerprint']
+__all__ = ['NULL_MARKERS', 'load_table', 'frame_fingerprint']
 
 # %% ../nbs/10_data.ipynb #b81d7f73
-def load_table(path: str | Path, target: str | None = None, time_column: str | None = None) -> pl.DataFrame:
-    "Read a CSV/Parquet table; check `target` (and `time_column`, parsed to a datetime) exist."
+NULL_MARKERS = ("", "NA", "N/A", "n/a", "na", "NaN", "nan", "null", "NULL", "None", "#N/A")
+
+def load_table(path: str | Path, target: str | None = None, time_column: str | None = None,
+               time_format: str | None = None, null_values=NULL_MARKERS) -> pl.DataFrame:
+    """Read a CSV/Parquet table; check `target` (and `time_column`, parsed to a datetime with `time_format`) exist.
+    `null_values` (CSV) are read as nulls; boolean columns other than `target` become Int8 0/1. Raises
+    `FileNotFoundError`, or `ValueError` for a missing column, an unsupported file or an unparseable time column."""
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"no such data file: {path}")
     suffix = path.suffix.lower()
     if path.is_dir() or suffix in (".parquet", ".pq"): df = pl.read_parquet(path if not path.is_dir() else path/"*.parquet")
-    elif suffix in (".csv", ".txt", ".gz"): df = pl.read_csv(path, infer_schema_length=10_000, try_parse_dates=True)
+    elif suffix in (".csv", ".txt", ".gz"):
+        df = pl.read_csv(path, infer_schema_length=10_000, try_parse_dates=True, null_values=list(null_values or []))
     else: raise ValueError(f"{path}: unsupported file type {suffix!r}; use CSV or Parquet")
     for col in (c for c in (target, time_column) if c):
         if col not in df.columns:
             raise ValueError(f"{path}: column {col!r} not found; columns are: {', '.join(df.columns)}")
     if time_column and df.schema[time_column] == pl.String:
-        df = df.with_columns(pl.col(time_column).str.to_datetime())
-    return df
+        try: df = df.with_columns(pl.col(time_column).str.to_datetime(format=time_format or None))
+        except pl.exceptions.PolarsError:
+            example = df[time_column].drop_nulls().head(1).to_list()
+            raise ValueError(f"{path}: time column {time_column!r} holds text such as {example[0] if example else ''!r} that "
+                             + (f"does not match time_format {time_format!r}" if time_format else "is not a date/time")
+                             + "; pass its format with -p time_format=... (strftime, e.g. %b-%Y for Mar-2018, "
+                             "%Y-%m-%d for 2018-03-01)") from None
+    bools = [c for c, t in df.schema.items() if t == pl.Boolean and c != target]
+    return df.with_columns(pl.col(bools).cast(pl.Int8)) if bools else df
 
 # %% ../nbs/10_data.ipynb #e6b43156
 def frame_fingerprint(frame: pl.DataFrame, *, ordered: bool) -> str:

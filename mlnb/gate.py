@@ -12,10 +12,11 @@ from .core import parse_range
 from .metrics import Comparison, fmt_diff, fmt_value, jsonable
 from .robustness import RobustnessReport
 from .train import ordered_split
-from .schema import FeatureSpec
+from .schema import FeatureSpec, schema_changes
 
 # %% auto #0
-__all__ = ['GateCheck', 'GateResult', 'gate', 'heldout_from_table', 'check_heldout', 'window_checks', 'gate_without_champion']
+__all__ = ['GateCheck', 'GateResult', 'GateFailed', 'gate', 'heldout_from_table', 'check_heldout', 'window_checks',
+           'gate_without_champion', 'schema_check']
 
 # %% ../nbs/34_gate.ipynb #8e67a599
 @dataclass
@@ -56,6 +57,13 @@ class GateResult:
         "The result `to_dict` wrote (as the evaluate pipeline saves it in `gate.json`)."
         return cls(d["passed"], [GateCheck.from_dict(c) for c in d["checks"]], d["primary"], d.get("settings", {}))
 
+# %% ../nbs/34_gate.ipynb #afc29f08
+class GateFailed(RuntimeError):
+    "The candidate did not pass the gate; `result` is the `GateResult` and the message lists its reasons."
+    def __init__(self, result: GateResult, version: str | None = None):
+        self.result = result
+        super().__init__(f"gate failed{f' for v{version}' if version else ''}: " + "; ".join(result.reasons))
+
 # %% ../nbs/34_gate.ipynb #daec38c2
 def gate(comparisons: Mapping[str, Comparison], primary: str = "auc", margin: float = 0.0, alpha: float = 0.05,
          secondary: Sequence[str] | None = None, tolerance: float = 0.005, tolerances: Mapping[str, float] | None = None,
@@ -70,6 +78,11 @@ def gate(comparisons: Mapping[str, Comparison], primary: str = "auc", margin: fl
     tolerances = dict(tolerances or {})
     checks: list[GateCheck] = []
     c = comparisons[primary]
+    if not (math.isfinite(c.candidate) and math.isfinite(c.champion)):   # an undefined metric never lets a model through
+        checks.append(GateCheck(f"primary:{primary}", False, f"{primary} is n/a (undefined on these rows: "
+                                f"{getattr(c, 'reason', '') or 'e.g. a binary metric on rows of one class'}); "
+                                "the candidate cannot be judged: evaluate on rows with both classes"))
+        return GateResult(False, checks, primary, {"margin": margin, "alpha": alpha})
     p = c.p_improvement(margin)
     ok = c.improvement >= margin and p < alpha
     word = "improved" if c.improvement > 0 else "did not improve"
@@ -161,3 +174,13 @@ def gate_without_champion(candidate_version: str, champion_version: str | None, 
                                                                              else "; ".join(robustness.failures))),
               *extra_checks]
     return GateResult(all(c.passed for c in checks), checks, primary)
+
+# %% ../nbs/34_gate.ipynb #e2472963
+def schema_check(candidate: FeatureSpec, champion: FeatureSpec | None, allow_schema_change: bool = False) -> GateCheck:
+    "A `GateCheck` on the candidate's input schema against the champion's (passes with no champion, or when declared)."
+    changes = schema_changes(champion, candidate) if champion is not None else []
+    if not changes: return GateCheck("schema", True, "input schema: the champion's")
+    what = "; ".join(changes)
+    if allow_schema_change: return GateCheck("schema", True, f"input schema changed, declared (allow_schema_change): {what}")
+    return GateCheck("schema", False, f"input schema differs from the champion's ({what}): clients would break; declare "
+                     "it with -p allow_schema_change=true (audited), or train with the champion's columns")

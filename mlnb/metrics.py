@@ -14,10 +14,10 @@ import polars as pl
 
 # %% auto #0
 __all__ = ['METRICS', 'DEFAULT_METRICS', 'TRAINING_METRICS', 'Metric', 'check_predictions', 'metric_values', 'compute_metrics',
-           'roc_auc', 'pr_auc', 'log_loss', 'brier_score', 'task_metrics', 'binary_metrics', 'calibration_table',
-           'expected_calibration_error', 'threshold_metrics', 'business_cost', 'best_threshold', 'bootstrap_weights',
-           'bootstrap_ci', 'Comparison', 'paired_comparison', 'compare', 'delong', 'frame_records', 'jsonable',
-           'fmt_value', 'fmt_diff']
+           'roc_auc', 'pr_auc', 'log_loss', 'brier_score', 'task_metrics', 'binary_metrics', 'single_feature_scores',
+           'leakage_warnings', 'calibration_table', 'expected_calibration_error', 'threshold_metrics', 'business_cost',
+           'best_threshold', 'bootstrap_weights', 'bootstrap_ci', 'Comparison', 'paired_comparison', 'compare',
+           'delong', 'frame_records', 'jsonable', 'fmt_value', 'fmt_diff']
 
 # %% ../nbs/20_metrics.ipynb #4c83fdc8
 _CLIP = 1e-7
@@ -181,6 +181,41 @@ def task_metrics(task: str, y, p) -> dict[str, float]:
 def binary_metrics(y, p) -> dict[str, float]:
     "ROC-AUC, log-loss, Brier score, count and positive rate of labels `y` (0/1) and probabilities `p`."
     return task_metrics("binary", y, p)
+
+# %% ../nbs/20_metrics.ipynb #74ff75f4
+def single_feature_scores(frame: pl.DataFrame, target: str, features: Sequence[str], task: str = "binary",
+                          bins: int = 20) -> dict[str, float]:
+    "Per feature: how well it alone predicts `target` (binary: AUC in [0.5, 1]; regression: binned R²); NaN if undefined."
+    y = frame[target].cast(pl.Float64)
+    out = {}
+    for c in features:
+        s = frame[c]
+        ok = (~y.is_null() & ~s.is_null()).to_numpy()
+        if s.dtype.is_numeric() and task == "regression":      # the binned mean: any monotone or not relationship
+            s = s.cast(pl.Float64).qcut(bins, labels=None, allow_duplicates=True).cast(pl.String)
+        if s.dtype.is_numeric():
+            x = s.cast(pl.Float64).to_numpy()[ok]
+        else:                                                   # a category scored by its mean target
+            key = s.cast(pl.String)
+            means = pl.DataFrame({"k": key, "y": y}).filter(pl.col("y").is_not_null()).group_by("k").agg(pl.col("y").mean())
+            x = key.replace_strict(means["k"], means["y"], default=None).cast(pl.Float64).to_numpy()[ok]
+        yy = y.to_numpy()[ok]
+        if len(yy) < 10 or np.nanstd(yy) == 0: out[c] = float("nan"); continue
+        if task == "binary":
+            x = np.nan_to_num(x, nan=np.nanmean(x) if np.isfinite(x).any() else 0.0)
+            a = roc_auc(yy, pl.Series(x).rank("average").to_numpy() / len(x))     # AUC depends on the order only
+            out[c] = max(a, 1 - a) if a == a else float("nan")
+        else:
+            out[c] = float(1 - np.mean((yy - x) ** 2) / np.var(yy))
+    return out
+
+def leakage_warnings(scores: Mapping[str, float], task: str = "binary", auc_limit: float = 0.98,
+                     r2_limit: float = 0.95) -> list[str]:
+    "Sentences for the features of `single_feature_scores` that alone nearly determine the target."
+    limit, name = (auc_limit, "AUC") if task == "binary" else (r2_limit, "R²")
+    return [f"possible leakage: feature {c!r} alone predicts the target with {name} {v:.3f} (> {limit}); check it "
+            "is known at prediction time and is not the outcome under another name" for c, v in scores.items()
+            if v == v and v > limit]
 
 # %% ../nbs/20_metrics.ipynb #89901bbe
 def calibration_table(y, p, n_bins: int = 10, strategy: str = "uniform") -> pl.DataFrame:

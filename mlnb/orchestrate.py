@@ -6,7 +6,7 @@
 from __future__ import annotations
 from typing import Mapping
 from .core import Settings, load_settings
-from .pipeline import run_pipeline
+from .pipeline import run_pipeline, PipelineError
 from .registry import ModelRegistry
 
 # %% auto #0
@@ -30,7 +30,10 @@ def gated_release(settings: Settings | None = None, candidate_version: str | int
     `promote_message`, `promote_seconds` (the alias move), `deploy_notebook`, `deploy_seconds`, `champion`, and with
     the rehearsal `rollback_message`, `rollback_seconds`, `repromote_message`, `repromote_seconds`. Prints nothing."""
     settings = settings or load_settings()
-    ev = run_pipeline("evaluate", {"candidate_version": str(candidate_version), **(evaluate_params or {})}, settings)
+    try: ev = run_pipeline("evaluate", {"candidate_version": str(candidate_version), **(evaluate_params or {})}, settings)
+    except PipelineError as e:   # a failed gate fails the evaluate run (GateFailed); its recorded decision is the answer
+        if not (e.run and (e.run.error or {}).get("type") == "GateFailed"): raise
+        ev = e.run
     out = release_summary(ev.metrics) | {"evaluate_notebook": str(ev.notebook), "evaluate_seconds": ev.seconds,
                                          "promoted": False}
     if not out["gate_passed"]: return out

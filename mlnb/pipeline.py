@@ -13,13 +13,21 @@ from .core import Settings, load_settings, ensure_dir, write_json
 from .audit import audited, child_env
 
 # %% auto #0
-__all__ = ['record', 'read_records', 'PipelineError', 'pipeline_path', 'pipeline_parameters', 'coerce_params', 'PipelineRun',
-           'new_run_id', 'run_pipeline', 'list_runs']
+__all__ = ['record', 'read_records', 'PipelineError', 'pipeline_path', 'pipeline_parameters', 'coerce_params', 'parameters_help',
+           'PipelineRun', 'new_run_id', 'run_pipeline', 'list_runs']
 
 # %% ../nbs/02_pipeline.ipynb #212e817e
+def _defined(v):
+    "`v` with every NaN/inf float replaced by 'n/a' (an undefined metric is shown as such, never lost or invalid JSON)."
+    if isinstance(v, float) and not (v == v and abs(v) != float("inf")): return "n/a"
+    if isinstance(v, dict): return {k: _defined(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)): return [_defined(x) for x in v]
+    return v
+
 def record(name: str, value) -> None:
     "Record a JSON-serialisable `value` as a scrap of the running pipeline notebook."
     import scrapbook as sb
+    value = _defined(value)
     if isinstance(value, str): sb.glue(name, value, encoder="text", display=False)  # "json" would parse a str
     else: sb.glue(name, json.loads(json.dumps(value, default=float)), encoder="json", display=False)
 
@@ -81,6 +89,22 @@ def coerce_params(declared: dict[str, dict], params: dict) -> dict:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; this pipeline takes: {', '.join(declared)}")
     return {k: _convert(k, declared[k].get("inferred_type_name", "None"), v) for k, v in params.items()}
 
+# %% ../nbs/02_pipeline.ipynb #433e7c49
+def parameters_help(name: str, settings: Settings | None = None) -> str:
+    "The help text of pipeline `name`: its title line, then `name: type = default  help` for every parameter."
+    path = pipeline_path(name, settings)
+    nb = json.loads(path.read_text())
+    title = next(("".join(c["source"]).strip().splitlines()[0].lstrip("# ") for c in nb["cells"]
+                  if c["cell_type"] == "markdown" and "".join(c["source"]).strip()), path.stem)
+    declared = pipeline_parameters(path)
+    width = max((len(f"{k}: {v.get('inferred_type_name', '')} = {v.get('default', '')}") for k, v in declared.items()), default=0)
+    lines = [f"usage: mlnb run {path.stem} [-p NAME=VALUE ...] [--run-id ID] [--log-output]", "", title, "",
+             "parameters (-p NAME=VALUE):"]
+    for k, v in declared.items():
+        head = f"{k}: {v.get('inferred_type_name', 'None')} = {v.get('default', '')}"
+        lines.append(f"  {head:<{width}}  {(v.get('help') or '').strip()}")
+    return "\n".join(lines)
+
 # %% ../nbs/02_pipeline.ipynb #a88a0f73
 @dataclass
 class PipelineRun:
@@ -134,8 +158,10 @@ def _attach_to_mlflow(settings: Settings, run: PipelineRun) -> None:
     for f in (run.notebook, run.html, run.out_dir/"params.json", run.out_dir/"metrics.json"):
         if f.exists(): client.log_artifact(mlflow_run_id, str(f), artifact_path="report")
     client.set_tag(mlflow_run_id, "mlnb.report_dir", str(run.out_dir))
-    if run.outcome == "failure" and client.get_run(mlflow_run_id).info.status == "RUNNING":
-        client.set_terminated(mlflow_run_id, "FAILED")   # the kernel died before it could end the run
+    if run.outcome == "failure" and client.get_run(mlflow_run_id).info.status != "FAILED":
+        # MLflow's own atexit hook ends a run left open by a failing kernel as FINISHED: make it honest
+        client.set_terminated(mlflow_run_id, "FAILED")
+        client.set_tag(mlflow_run_id, "mlnb.error", f"{run.error['type']}: {run.error['message']}"[:5000])
 
 def run_pipeline(name: str, params: dict | None = None, settings: Settings | None = None, run_id: str | None = None,
                  kernel_name: str | None = None, log_output: bool = False) -> PipelineRun:
@@ -160,7 +186,9 @@ def run_pipeline(name: str, params: dict | None = None, settings: Settings | Non
             with _environ({**settings.to_env(), **child_env()}):   # the kernel continues this audit context
                 pm.execute_notebook(str(path), str(run.notebook), parameters=injected,
                                     kernel_name=kernel_name or settings.kernel_name, cwd=str(settings.root),
-                                    progress_bar=False, log_output=log_output)
+                                    progress_bar=False, log_output=log_output,
+                                    # quiet kernel: no TCP-encryption warning, no "KeyboardInterrupt caught" at shutdown
+                                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
             run.outcome = "success"
         except Exception as e:
             run.outcome = "failure"
@@ -176,6 +204,7 @@ def run_pipeline(name: str, params: dict | None = None, settings: Settings | Non
         except Exception as e: run.metrics.setdefault("_warnings", []).append(f"could not attach report to MLflow: {e}")
         rec.metrics.update({k: v for k, v in run.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if "model_version" in run.metrics: rec.model_version = run.metrics["model_version"]
+        if isinstance(run.metrics.get("model_name"), str): rec.model_name = run.metrics["model_name"]
         if run.outcome == "failure":
             raise PipelineError(f"pipeline {name} failed: {run.error['type']}: {run.error['message']}\n"
                                 f"executed notebook (with the failing cell): {run.notebook}", run)

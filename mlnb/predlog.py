@@ -278,11 +278,14 @@ def _read_parts(settings: Settings, paths: list) -> list[pl.DataFrame]:
         except Exception as e: _stderr(f"skipping unreadable part file {p}: {e!r}")
     return frames
 
-def read_predictions(settings: Settings, since=None, until=None) -> pl.DataFrame:
-    "All logged predictions with `since <= ts < until`, sorted by `ts`."
+def read_predictions(settings: Settings, since=None, until=None, model_name: str | None = None) -> pl.DataFrame:
+    "All logged predictions with `since <= ts < until` (of model `model_name` only, when given), sorted by `ts`."
     frames = _read_parts(settings, part_files(settings, since, until))
     if not frames: return pl.DataFrame(schema=BASE_SCHEMA)
     df = pl.concat(frames, how="diagonal_relaxed")
     if since is not None: df = df.filter(pl.col("ts") >= _to_utc(since))
     if until is not None: df = df.filter(pl.col("ts") < _to_utc(until))
+    if model_name is not None:   # one project, several models: another model's rows (and columns) are not this one's
+        df = df.filter(pl.col("model_name") == model_name)
+        df = df.select([c for c in df.columns if c in BASE_SCHEMA or df[c].null_count() < df.height])
     return df.sort("ts", maintain_order=True)

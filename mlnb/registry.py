@@ -22,27 +22,29 @@ from fastcore.basics import patch
 from . import __version__
 from .core import Settings, load_settings, ensure_dir, write_json, actor
 from .audit import audited
-from .schema import FeatureSpec
+from .schema import FeatureSpec, schema_changes
 from .contracts import DataContract
 from .cards import model_card
 
 # %% auto #0
 __all__ = ['MANIFEST_TAG', 'GIT_TAG', 'DATA_TAG', 'VERSIONS_TAG', 'CARD_TAG', 'GATE_TAG', 'GATE_CHAMPION_TAG', 'GATE_RUN_TAG',
-           'GATE_SUMMARY_TAG', 'BUNDLE_FILES', 'ALIASES', 'mlflow_setup', 'IntegrityError', 'sha256_file',
-           'framework_versions', 'verify_bundle', 'ModelRegistry', 'register_model', 'ModelBundle', 'load_model',
-           'PromotionRefused', 'AliasChange', 'models_cli']
+           'GATE_SUMMARY_TAG', 'BUNDLE_FILES', 'ALIASES', 'TARGET_TAG', 'TASK_TAG', 'mlflow_setup', 'IntegrityError',
+           'sha256_file', 'framework_versions', 'verify_bundle', 'ModelRegistry', 'register_model', 'ModelBundle',
+           'load_model', 'PromotionRefused', 'AliasChange', 'ModelNameConflict', 'models_cli']
 
 # %% ../nbs/36_registry.ipynb #3c421b1c
-def mlflow_setup(settings: Settings | None = None):
-    "Configure MLflow for `settings` (tracking/registry URI, experiment); return an `MlflowClient`."
+def mlflow_setup(settings: Settings | None = None, model_name: str | None = None):
+    """Configure MLflow for `settings` (tracking/registry URI, experiment); return an `MlflowClient`. The experiment is
+    `settings.experiment`, or `model_name` when that is another model than `settings.model_name` (one experiment per model)."""
     settings = settings or load_settings()
+    experiment = model_name if model_name and model_name != settings.model_name else settings.experiment
     ensure_dir(settings.home)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_registry_uri)
-    exp = mlflow.get_experiment_by_name(settings.experiment)
+    exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        mlflow.create_experiment(settings.experiment, artifact_location=settings.mlflow_artifact_root)
-    mlflow.set_experiment(settings.experiment)
+        mlflow.create_experiment(experiment, artifact_location=settings.mlflow_artifact_root)
+    mlflow.set_experiment(experiment)
     return mlflow.MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_registry_uri)
 
 # %% ../nbs/36_registry.ipynb #74ba8286
@@ -139,6 +141,7 @@ def register(self: ModelRegistry, booster: xgb.Booster, spec: FeatureSpec, refer
     settings, name, client = self.settings, self.name, self.client
     run = mlflow.active_run()
     if run is None: raise RuntimeError("register_model needs an active MLflow run (mlflow.start_run())")
+    self.check_same_target(spec)
     with audited("register", settings, model_name=name, resources=[f"runs:/{run.info.run_id}/model"]) as rec:
         ref = reference.sample(n=min(reference_rows, reference.height), seed=settings.seed) if reference.height else reference
         with tempfile.TemporaryDirectory() as tmp:
@@ -159,6 +162,7 @@ def register(self: ModelRegistry, booster: xgb.Booster, spec: FeatureSpec, refer
                         "mlnb.registered_by": actor()}
         mv = mlflow.register_model(info.model_uri, name, tags={MANIFEST_TAG: manifest_sha,
                                                                "mlnb.feature_spec_sha256": spec.sha256,
+                                                               TARGET_TAG: str(spec.target), TASK_TAG: spec.task,
                                                                **({"mlnb.contract_sha256": contract.sha256} if contract is not None else {}),
                                                                **lineage_tags, **(tags or {})})
         rec.model_version = mv.version
@@ -319,18 +323,21 @@ def _gate_problem(mv, champion: str | None) -> str | None:
     "Why `mv` may not replace `champion` (None when its recorded gate passed against exactly that champion)."
     tags = mv.tags or {}
     decision, against = tags.get(GATE_TAG), tags.get(GATE_CHAMPION_TAG)
+    vs = "no champion" if against in (None, "none") else f"v{against}"       # never "vnone"
     if decision is None: return f"v{mv.version} has no recorded release gate; run the evaluate pipeline on it first"
     if decision != "passed":
-        return f"v{mv.version} failed its release gate against v{against} ({tags.get(GATE_SUMMARY_TAG, 'see the evaluation run')[:300]})"
+        return f"v{mv.version} failed its release gate against {vs} ({tags.get(GATE_SUMMARY_TAG, 'see the evaluation run')[:300]})"
     if against != (champion or "none"):
-        return (f"v{mv.version} passed its gate against v{against}, but the champion is now "
+        return (f"v{mv.version} passed its gate against {vs}, but the champion is now "
                 f"{'v' + champion if champion else 'none'}; evaluate it against the current champion")
     return None
 
 @patch
 def promote(self: ModelRegistry, version: str | int | None = None, force: bool = False, verify: bool = True,
-            reason: str = "") -> AliasChange:
-    "Challenger (or `version`) -> champion, old champion -> previous. Audited `promote`; idempotent."
+            reason: str = "", allow_schema_change: bool = False) -> AliasChange:
+    """Challenger (or `version`) -> champion, old champion -> previous. Audited `promote`; idempotent.
+    A version whose input schema differs from the champion's (`mlnb.schema.schema_changes`) is refused, even with
+    `force`, unless `allow_schema_change` (audited as `schema_changes`)."""
     settings, name, client = self.settings, self.name, self.client
     t0 = time.perf_counter()
     with self._lock(), audited("promote", settings, model_name=name, rollback_available=True) as rec:
@@ -352,6 +359,12 @@ def promote(self: ModelRegistry, version: str | int | None = None, force: bool =
                 raise PromotionRefused(f"refusing to promote {name} v{target}: {problem} (or pass force=True / --force)")
             forced = bool(problem)
             if verify: self.load(target)        # IntegrityError here: no alias has moved
+            if champ and (changes := schema_changes(self.load(champ).spec, self.load(target).spec)):
+                rec.details.update(schema_changes=changes, schema_change_allowed=allow_schema_change)
+                if not allow_schema_change:
+                    raise PromotionRefused(f"refusing to promote {name} v{target}: its input schema differs from champion "
+                                           f"v{champ} ({'; '.join(changes)}); clients of the champion would break. Declare "
+                                           "the change with allow_schema_change=True / --allow-schema-change (audited)")
             if champ: client.set_registered_model_alias(name, "previous", champ)
             client.set_registered_model_alias(name, "champion", target)
             if chall == target: client.delete_registered_model_alias(name, "challenger")
@@ -423,6 +436,26 @@ def latest_version(self: ModelRegistry) -> str:
     if not vs: raise LookupError(f"model {name!r} has no registered versions in {settings.mlflow_registry_uri}")
     return str(max(vs))
 
+# %% ../nbs/36_registry.ipynb #1f768b40
+TARGET_TAG, TASK_TAG = "mlnb.target", "mlnb.task"
+
+class ModelNameConflict(ValueError):
+    "A model would become a version of a registered name that predicts another target or task."
+
+@patch
+def check_same_target(self: ModelRegistry, spec: FeatureSpec) -> None:
+    "Raise `ModelNameConflict` when the latest version of this name has another target or task than `spec`."
+    try: latest = self.latest_version()
+    except (LookupError, MlflowException): return
+    tags = self.client.get_model_version(self.name, latest).tags or {}
+    have = (tags.get(TARGET_TAG), tags.get(TASK_TAG))
+    if have[0] is None: return          # versions registered before these tags existed
+    if have != (str(spec.target), spec.task):
+        raise ModelNameConflict(
+            f"model {self.name!r} v{latest} predicts {have[0]!r} ({have[1]}); this model predicts {spec.target!r} "
+            f"({spec.task}): versions of one name must share target and task. Register it under another name "
+            f"(-p model_name=NAME, e.g. {spec.target}-{spec.task})")
+
 # %% ../nbs/36_registry.ipynb #a9c046db
 def _ts(ms) -> str | None:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds") if ms else None
@@ -469,7 +502,7 @@ def list_versions(self: ModelRegistry, limit: int = 50) -> list[dict]:
         gate = t.get(GATE_TAG)
         out.append({"version": str(mv.version), "aliases": [a for a, v in als.items() if v == str(mv.version)],
                     "created": _ts(mv.creation_timestamp),
-                    "gate": f"{gate} vs v{t.get(GATE_CHAMPION_TAG)}" if gate else None,
+                    "gate": (f"{gate} vs " + ("no champion" if t.get(GATE_CHAMPION_TAG) in (None, "none") else f"v{t.get(GATE_CHAMPION_TAG)}")) if gate else None,
                     "test_auc": m.get("test_auc"), "run_id": mv.run_id})
     return out
 
@@ -507,6 +540,8 @@ def _models_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="challenger (or --version) -> champion, champion -> previous")
     pr.add_argument("--version", default=None); pr.add_argument("--force", action="store_true",
                                                                 help="promote without a passed gate (audited as forced)")
+    pr.add_argument("--allow-schema-change", action="store_true",
+                    help="declare that the new version's input schema differs from the champion's (audited)")
     pr.add_argument("--no-verify", action="store_true"); pr.add_argument("--reason", default="")
     rb = sub.add_parser("rollback", help="previous -> champion")
     rb.add_argument("--no-verify", action="store_true"); rb.add_argument("--reason", default="")
@@ -541,7 +576,8 @@ def models_cli(argv: list[str] | None = None, settings: Settings | None = None) 
                     info["framework_versions"] = json.loads((b.path/"extra_files"/"versions.json").read_text())
             print(json.dumps(info, indent=2, default=str)); return 0
         if args.cmd in ("promote", "rollback"):
-            ch = (reg.promote(args.version, force=args.force, verify=not args.no_verify, reason=args.reason)
+            ch = (reg.promote(args.version, force=args.force, verify=not args.no_verify, reason=args.reason,
+                              allow_schema_change=args.allow_schema_change)
                   if args.cmd == "promote" else reg.rollback(verify=not args.no_verify, reason=args.reason))
             print(f"mlnb models {args.cmd}: {ch.message} ({ch.seconds * 1000:.0f} ms)")
             print(json.dumps({"changed": ch.changed, "before": ch.before, "after": ch.after, "audit_id": ch.audit_id}))

@@ -284,7 +284,6 @@ def _swap(self: Rollout, config: RoutingConfig, generation: int, models: dict, p
                        f"({self.load_error}); keeping the current state")
         else: self.state = _State(config, models, {}, generation)
         return False
-    self.load_error = None
     before = {a: m.version for a, m in old.models.items()} if old is not None else {}
     after = {a: m.version for a, m in models.items()}
     if old is not None and old.config == config and old.generation == generation and before == after: return False
@@ -298,7 +297,11 @@ def _swap(self: Rollout, config: RoutingConfig, generation: int, models: dict, p
         breakers[key] = prev[1] if same else CircuitBreaker(config.breaker_failures, config.breaker_seconds)
     self._breakers = {k: (models[config.shadow if k == "shadow" else k].version, b) for k, b in breakers.items()}
     for m in models.values():
-        if m.log is None or m.log.closed: m.log = PredictionLog(self.settings, m.spec)
+        try:
+            if m.log is None or m.log.closed: m.log = PredictionLog(self.settings, m.spec)
+        except Exception as e:      # readiness must say why (never `reason: null`)
+            self.load_error = f"v{m.version}: cannot open its prediction log: {type(e).__name__}: {e}"; raise
+    self.load_error = None
     stats = self.store.bandit_stats(after) if config.strategy == "bandit" else None
     new = _State(config, models, breakers, generation, stats)
     self.state = new                                   # the atomic swap

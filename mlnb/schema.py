@@ -13,8 +13,9 @@ import polars as pl
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['NULL_PROBLEM', 'MISSING_PROBLEM', 'kind_of', 'value_problem', 'DataCheckError', 'check_frame', 'InvalidRecord',
-           'FeatureDef', 'FeatureSpec', 'check_frame_records']
+__all__ = ['NULL_PROBLEM', 'MISSING_PROBLEM', 'RESERVED_NAMES', 'kind_of', 'value_problem', 'DataCheckError', 'check_frame',
+           'InvalidRecord', 'FeatureDef', 'FeatureSpec', 'check_frame_records', 'TargetError', 'TargetInfo',
+           'prepare_target', 'schema_changes', 'check_servable']
 
 # %% ../nbs/11_schema.ipynb #a877c653
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -65,6 +66,8 @@ def check_frame(frame: pl.DataFrame, expected: Mapping[str, str], max_null_fract
             problems.append(f"column '{col}' is missing (expected {kind})"); continue
         dt = frame.schema[col]
         if kind_of(dt) != kind: problems.append(f"column '{col}' has type {dt}, expected {kind}")
+        elif kind == "num" and dt.is_float() and (n_inf := int(frame[col].is_infinite().sum())):
+            problems.append(f"column '{col}' has {n_inf:,} infinite value(s) (inf/-inf): replace them with a number or leave them empty")
     if frame.height and problems == []:
         nulls = frame.select(pl.col(c).null_count() for c in expected).row(0, named=True)
         for col, n in nulls.items():
@@ -102,6 +105,7 @@ class FeatureSpec:
     features: tuple[FeatureDef, ...]
     target: str | None = None
     task: Literal["binary", "regression"] = "binary"
+    positive_class: str | None = None   # binary: the target value that is 1 (as text); None: the target is already 0/1
 
     def __post_init__(self):
         object.__setattr__(self, "_codes", {f.name: {c: float(i) for i, c in enumerate(f.categories)}
@@ -118,12 +122,13 @@ class FeatureSpec:
     # persistence ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"target": self.target, "task": self.task,
+                **({"positive_class": self.positive_class} if self.positive_class is not None else {}),
                 "features": [{**asdict(f), "categories": list(f.categories)} for f in self.features]}
     def to_json(self) -> str: return json.dumps(self.to_dict(), indent=2, sort_keys=True)
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSpec:
         return cls(tuple(FeatureDef(**{**f, "categories": tuple(f.get("categories", ()))}) for f in d["features"]),
-                   d.get("target"), d.get("task", "binary"))
+                   d.get("target"), d.get("task", "binary"), d.get("positive_class"))
     @classmethod
     def from_json(cls, s: str) -> FeatureSpec: return cls.from_dict(json.loads(s))
     @property
@@ -163,6 +168,8 @@ def encode_frame(self: FeatureSpec, frame) -> np.ndarray:
         if f.kind == "cat":
             s = s.cast(pl.String).replace_strict(self._codes[f.name], default=None, return_dtype=pl.Float32)
         else:
+            if s.dtype in (pl.Null, pl.Boolean) or (s.dtype == pl.String and s.null_count() == s.len()):
+                s = s.cast(pl.Float32)      # all empty (nulls whatever the inferred type) or booleans (0/1)
             if kind_of(s.dtype) != "num": raise InvalidRecord(f.name, f"has type {s.dtype}; expected a number")
             s = s.cast(pl.Float32)
         cols.append(s.fill_null(float("nan")).to_numpy())
@@ -209,7 +216,8 @@ def check_frame_records(spec: FeatureSpec, df, offset: int = 0):
     for f in spec.features:
         s = df[f.name]
         if f.kind == "num":
-            if s.dtype == pl.Null: s = s.cast(pl.Float64)
+            if s.dtype in (pl.Null, pl.Boolean) or (s.dtype == pl.String and s.null_count() == s.len()):
+                s = s.cast(pl.Float64)      # a column empty in every row is nulls, whatever its inferred type; booleans are 0/1
             if not s.dtype.is_numeric(): raise InvalidRecord(f.name, f"column has type {s.dtype}; expected numbers")
             v = s.cast(pl.Float64)
             null = v.is_null().to_numpy()
@@ -220,3 +228,97 @@ def check_frame_records(spec: FeatureSpec, df, offset: int = 0):
             null = s.is_null().to_numpy()
         if not f.nullable: flag(null, f.name, NULL_PROBLEM)
     return spec.encode_frame(df.select(spec.names)), errors
+
+# %% ../nbs/11_schema.ipynb #1a0a61d7
+class TargetError(ValueError):
+    "The target column cannot be trained on as it is; the message says what to do."
+
+@dataclass(frozen=True)
+class TargetInfo:
+    "What `prepare_target` did: the task, the positive and negative class (binary), the rows kept and dropped."
+    name: str
+    task: str
+    rows: int
+    dropped_nulls: int = 0
+    positive_class: str | None = None
+    negative_class: str | None = None
+    def to_dict(self) -> dict: return asdict(self)
+    def describe(self) -> str:
+        s = f"target {self.name!r} ({self.task}): {self.rows:,} rows"
+        if self.positive_class is not None: s += f"; positive class {self.positive_class!r} (1), negative {self.negative_class!r} (0)"
+        return s + (f"; {self.dropped_nulls:,} rows with a null target dropped" if self.dropped_nulls else "")
+
+_POSITIVE_WORDS = ("1", "1.0", "true", "yes", "y", "positive", "pos", "t")
+
+def _as_text(s: pl.Series) -> pl.Series:
+    return s.cast(pl.String).str.to_lowercase() if s.dtype == pl.Boolean else s.cast(pl.String)
+
+# %% ../nbs/11_schema.ipynb #b34c64fb
+def prepare_target(frame: pl.DataFrame, target: str, task: str = "binary", positive_class: str | None = None,
+                   max_null_fraction: float = 0.10) -> tuple[pl.DataFrame, TargetInfo]:
+    "`frame` with null-target rows dropped and the target as Float64 (0/1 for `binary`), and a `TargetInfo`; `TargetError`."
+    if target not in frame.columns: raise TargetError(f"target column {target!r} not found; columns are: {', '.join(frame.columns)}")
+    if task not in ("binary", "regression"):
+        raise TargetError(f"task must be binary or regression, got {task!r} (multi-class targets are not supported yet)")
+    s = frame[target]
+    if s.dtype.is_float(): frame = frame.with_columns(pl.col(target).fill_nan(None))
+    n, nulls = frame.height, frame[target].null_count()
+    if n and nulls / n > max_null_fraction:
+        raise TargetError(f"target {target!r} is null in {nulls:,} of {n:,} rows ({nulls / n:.1%}); the limit is "
+                          f"{max_null_fraction:.0%} (MLNB_MAX_NULL_FRACTION): fill the target or drop those rows first")
+    frame = frame.filter(pl.col(target).is_not_null())
+    s = frame[target]
+    if task == "regression":
+        if not s.dtype.is_numeric():
+            raise TargetError(f"target {target!r} has type {s.dtype}: regression needs numbers; for a two-valued target use -p task=binary")
+        if (bad := int((~s.cast(pl.Float64).is_finite()).sum())):
+            raise TargetError(f"target {target!r} has {bad} infinite value(s): replace or drop them")
+        return frame.with_columns(pl.col(target).cast(pl.Float64)), TargetInfo(target, task, frame.height, nulls)
+    text = _as_text(s)
+    values = sorted(text.unique().to_list())
+    if len(values) < 2:
+        raise TargetError(f"target {target!r} has a single class ({values[0] if values else 'no rows'!r}) in {frame.height:,} "
+                          "rows: a classifier needs examples of both classes; add rows of the other class, or choose another target")
+    if len(values) > 2:
+        raise TargetError(f"target {target!r} has {len(values)} distinct values ({', '.join(values[:5])}{', ...' if len(values) > 5 else ''}); "
+                          "task=binary needs exactly two: use -p task=regression for a numeric target (multi-class is not supported yet)")
+    if positive_class is None:
+        positive_class = next((v for v in values if v.lower() in _POSITIVE_WORDS), values[-1])
+    elif str(positive_class) not in values and str(positive_class).lower() not in values:
+        raise TargetError(f"positive_class {positive_class!r} is not a value of target {target!r}; its values are {values}")
+    positive_class = str(positive_class) if str(positive_class) in values else str(positive_class).lower()
+    negative = next(v for v in values if v != positive_class)
+    frame = frame.with_columns((text == positive_class).cast(pl.Float64).alias(target))
+    return frame, TargetInfo(target, task, frame.height, nulls, positive_class, negative)
+
+@patch
+def encode_target(self: FeatureSpec, frame: pl.DataFrame) -> pl.DataFrame:
+    "`frame` with null-target rows dropped and the target as Float64 (1 for `positive_class`), as in training."
+    frame = frame.filter(pl.col(self.target).is_not_null())
+    if self.task == "binary" and self.positive_class is not None:
+        return frame.with_columns((_as_text(frame[self.target]) == self.positive_class).cast(pl.Float64).alias(self.target))
+    return frame.with_columns(pl.col(self.target).cast(pl.Float64))
+
+# %% ../nbs/11_schema.ipynb #872155f1
+def schema_changes(old: FeatureSpec, new: FeatureSpec) -> list[str]:
+    "What differs between the input schema of `old` and `new` (empty when a client of `old` can call `new` unchanged)."
+    out = [f"{k} {getattr(old, k)!r} -> {getattr(new, k)!r}" for k in ("target", "task", "positive_class")
+           if getattr(old, k) != getattr(new, k)]
+    o, n = {f.name: f for f in old.features}, {f.name: f for f in new.features}
+    if added := [c for c in n if c not in o]: out.append(f"feature(s) added: {', '.join(added)}")
+    if removed := [c for c in o if c not in n]: out.append(f"feature(s) removed: {', '.join(removed)}")
+    out += [f"feature {c!r}: kind {o[c].kind} -> {n[c].kind}" for c in o if c in n and o[c].kind != n[c].kind]
+    return out
+
+# %% ../nbs/11_schema.ipynb #924cc2b2
+RESERVED_NAMES = ("request_id", "ts", "model_name", "model_version", "arm", "entity", "latency_ms", "prediction")
+
+def check_servable(names: Iterable[str]) -> None:
+    "Raise `DataCheckError` for feature names XGBoost or the prediction log cannot hold, naming each and the fix."
+    problems = []
+    for n in names:
+        if bad := [ch for ch in "[]<," if ch in n]:
+            problems.append(f"column {n!r} contains {' '.join(bad)}, which XGBoost does not accept in a feature name: rename it")
+        if n in RESERVED_NAMES:
+            problems.append(f"column {n!r} is one of the prediction log's own columns ({', '.join(RESERVED_NAMES)}): rename it")
+    if problems: raise DataCheckError("the feature names", problems)

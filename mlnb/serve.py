@@ -277,7 +277,8 @@ async def live(app: ServeApp, scope, receive, send, t0):
 
 async def ready(app: ServeApp, scope, receive, send, t0):
     m = app.model
-    if m is None: await _send(send, 503, orjson.dumps({"status": "not_ready", "reason": app.rollout.load_error}))
+    if m is None: await _send(send, 503, orjson.dumps({"status": "not_ready", "reason": app.rollout.load_error
+                                                        or "no model is loaded yet; see the server log"}))
     else: await _send(send, 200, m.ready_body)
 
 async def models(app: ServeApp, scope, receive, send, t0):

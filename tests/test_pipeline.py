@@ -78,7 +78,7 @@ def test_own_table_regression(tmp_path):
     df.write_csv(tmp_path/"sales.csv")
     s = make_settings(tmp_path, model_name="sales")
     run = run_pipeline("train", {"data_path": str(tmp_path/"sales.csv"), "target": "sales", "time_column": "when",
-                                 "task": "regression", "nthread": 1, "num_boost_round": 200}, s)
+                                 "task": "regression", "nthread": 1, "num_boost_round": 200, "model_name": "sales"}, s)
     assert run.metrics["test_r2"] > 0.9, run.metrics
     from mlnb.registry import load_model
     b = load_model(s, "champion", name="sales")

@@ -140,7 +140,7 @@ def gated(tmp_path_factory, clean, contract):
     clean.write_parquet(data)
     run = run_pipeline("validate", {"data_path": str(data), "contract_path": str(cpath), "target": TARGET,
                                     "time_column": "sched_dep_ts", "then_train": True, "num_boost_round": 20,
-                                    "nthread": 1}, s)
+                                    "nthread": 1, "model_name": s.model_name}, s)
     return s, run, tmp
 
 
@@ -174,7 +174,7 @@ def test_bad_data_or_parameters_stop_the_gate(gated, clean, name):
     "Each problem fails the pipeline with its clear message; no model is trained; audited; the champion untouched."
     s, _, tmp = gated
     params = {"contract_path": str(tmp/"contract.json"), "target": TARGET, "time_column": "sched_dep_ts",
-              "then_train": True, "num_boost_round": 20, "nthread": 1}
+              "then_train": True, "num_boost_round": 20, "nthread": 1, "model_name": s.model_name}
     if name in CORRUPTIONS:
         damage, check, words = CORRUPTIONS[name]
         path = tmp/f"{name}.parquet"

@@ -12,7 +12,8 @@ champ = next((i for i, a in enumerate(versions["aliases"]) if "champion" in (a o
 ref = versions["version"][st.selectbox("Version", range(len(refs)), index=champ, format_func=lambda i: refs[i])]
 
 st.subheader("Global importance")
-st.caption("Mean |SHAP| (exact TreeSHAP, XGBoost `pred_contribs`) over the version's reference sample, in log-odds.")
+st.caption("Mean |SHAP| (exact TreeSHAP, XGBoost `pred_contribs`) over the version's reference sample, in the "
+           "model's margin (log-odds for a classifier, the target's units for a regressor).")
 imp = lib.load("version_importance", name, ref).sort("mean_abs_shap")
 fig = go.Figure(go.Bar(x=imp["mean_abs_shap"].to_list(), y=imp["feature"].to_list(), orientation="h"))
 fig.update_layout(height=max(300, 22 * imp.height + 60), margin=dict(l=10, r=10, t=10, b=10), xaxis_title="mean |SHAP|")
