@@ -204,6 +204,8 @@ def test_every_page_with_data(monkeypatch, app_home):
     runs = at.dataframe[0].value
     failed = runs[runs["status"] == "failure"]
     assert len(failed) == 1 and list(failed["pipeline"]) == ["validate"]
+    if db.optional_module("schedule") is not None:                         # the run index names the failing cell
+        assert failed["failed_cell"].iloc[0].startswith("cell ") and "missing.csv" in failed["failed_cell"].iloc[0]
     assert len(at.dataframe[1].value) == len(db.run_index(s))              # every run
     trail = at.dataframe[-1].value
     assert {"promote", "set_challenger", "gate", "pipeline_run"} <= set(trail["operation"])
