@@ -7,7 +7,7 @@ BIN   := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: setup system-deps refs demo test check-clean check-export lint nbtest pytest export clean-pipelines lab app serve proto
+.PHONY: setup system-deps refs demo test check-clean check-export lint nbtest pytest export clean-pipelines lab app serve proto screenshots bench-app
 
 setup: $(VENV)/.installed
 
@@ -100,3 +100,12 @@ app: setup
 
 serve: setup
 	$(BIN)/mlnb serve
+
+# The app's pages in a real browser (chromium), on a home filled by a real small pipeline run: apps/screenshots/*.png
+screenshots: setup system-deps
+	MLNB_SCREENSHOTS=apps/screenshots $(BIN)/pytest tests/test_app.py -q -s -k real_browser
+
+# Render time of every app page on a large home (1M logged predictions, 180 days of timeline, 20 versions), copied
+# from the home `make demo` leaves in .mlnb: one JSON object on the last line
+bench-app: setup system-deps
+	$(BIN)/python tests/bench_app.py --from-home .mlnb --from-reports reports

@@ -54,7 +54,22 @@ def cmd_app(args, settings: Settings) -> int:
            "--server.address", args.host or settings.serve_host, "--server.port", str(args.port),
            "--browser.gatherUsageStats", "false"]
     print(f"mlnb app: http://{args.host or settings.serve_host}:{args.port}", flush=True)
-    return subprocess.call(cmd, env={**os.environ, **settings.to_env()})
+    proc = subprocess.Popen(cmd, env={**os.environ, **settings.to_env()})
+    # SIGTERM/SIGHUP to `mlnb app` stop Streamlit too (subprocess.call would leave it running, holding the port)
+    forward = lambda signum, frame: proc.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                return 128 - rc if rc < 0 else rc       # killed by signal N: the shell's 128 + N
+            except KeyboardInterrupt: proc.send_signal(signal.SIGINT)       # Ctrl-C: Streamlit shuts down cleanly
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+        if proc.poll() is None:
+            proc.terminate()
+            try: proc.wait(10)
+            except subprocess.TimeoutExpired: proc.kill(); proc.wait()
 
 # %% ../nbs/60_cli.ipynb #ded1de0d
 def drift(settings: Settings, months: str | None = None, since: str | None = None, ref: str = "champion"):
