@@ -236,7 +236,7 @@ def _pipeline(self: RetrainLoop, name: str, params: dict, run_id: str):
 
 @patch
 def _training(self: RetrainLoop, loop: Loop) -> Loop:
-    params = {"months": loop.data["months"], "register": True, **self.policy.train_params}
+    params = {"months": loop.data["months"], "register": True, "model_name": self.model, **self.policy.train_params}
     try: m, secs, reused = self._pipeline("train", params, loop.data["train_run_id"])
     except PipelineError as e: return self._move(loop, "failed", f"train pipeline failed: {str(e).splitlines()[0]}", {"run_id": loop.data["train_run_id"]})
     ev = {"run_id": loop.data["train_run_id"], "seconds": secs, "reused_finished_run": reused, "months": loop.data["months"],
@@ -248,9 +248,15 @@ def _training(self: RetrainLoop, loop: Loop) -> Loop:
 def _gating(self: RetrainLoop, loop: Loop) -> Loop:
     from mlnb.orchestrate import release_summary   # orchestrate imports nothing from here; kept local to stay light
     cand, months = loop.data["candidate_version"], loop.data["months"]
-    params = {"candidate_version": cand, "months": months.split("-")[-1], "set_challenger": True, **self.policy.gate_params}
+    params = {"candidate_version": cand, "months": months.split("-")[-1], "set_challenger": True, "model_name": self.model,
+              **self.policy.gate_params}
     try: m, secs, _ = self._pipeline("evaluate", params, loop.data["gate_run_id"])
-    except PipelineError as e: return self._move(loop, "failed", f"evaluate pipeline failed: {str(e).splitlines()[0]}", {"run_id": loop.data["gate_run_id"]})
+    except PipelineError as e:
+        m = e.run.metrics if e.run is not None else {}
+        if m.get("gate_passed") is False:   # the evaluate pipeline exits non-zero when the gate says no: a rejection, not a fault
+            return self._move(loop, "rejected", "gate: " + ("; ".join(m.get("gate_reasons") or []) or "failed")[:500],
+                              {"run_id": loop.data["gate_run_id"], "gate_passed": False, "gate_reasons": m.get("gate_reasons"), "guard": "gate"})
+        return self._move(loop, "failed", f"evaluate pipeline failed: {str(e).splitlines()[0]}", {"run_id": loop.data["gate_run_id"]})
     ev = {**release_summary(m), "run_id": loop.data["gate_run_id"], "seconds": secs}
     if not ev["gate_passed"]:
         return self._move(loop, "rejected", "gate: " + ("; ".join(ev["gate_reasons"]) or "failed")[:500], {**ev, "guard": "gate"})

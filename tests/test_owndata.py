@@ -48,7 +48,7 @@ def test_train_failing_after_its_mlflow_run_opened_leaves_it_failed(tmp_path):
     (end,) = ended(s)
     assert end["outcome"] == "failure" and "no-such-objective" in end["error_detail"]["message"]
     status = json.loads(next((s.reports_dir/"train").glob("*/status.json")).read_text())
-    client = mlflow.MlflowClient(s.mlflow_tracking_uri)
+    client = mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri)
     run = client.get_run(status["metrics"]["mlflow_run_id"])
     assert run.info.status == "FAILED" and "no-such-objective" in run.data.tags["mlnb.error"]
 
@@ -107,7 +107,7 @@ def test_single_class_is_refused_before_training(tmp_path):
     s = make_settings(tmp_path)
     p = train(s, "churn_oneclass.csv")
     assert p.returncode == 1 and "single class ('no')" in p.stderr and "add rows of the other class" in p.stderr
-    assert mlflow.MlflowClient(s.mlflow_tracking_uri).search_registered_models() == []
+    assert mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri).search_registered_models() == []
     assert "mlflow_run_id" not in json.loads(next((s.reports_dir/"train").glob("*/status.json")).read_text())["metrics"]
 
 
@@ -132,7 +132,7 @@ def test_two_tables_are_two_models_and_a_name_keeps_its_target(tmp_path):
     from mlnb.registry import ModelRegistry
     assert ModelRegistry(s, "churn_yesno-churn").aliases() == {"champion": "1"}
     assert ModelRegistry(s, "shop_sales-amount").aliases() == {"champion": "1"}
-    client = mlflow.MlflowClient(s.mlflow_tracking_uri)
+    client = mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri)
     assert {"churn_yesno-churn", "shop_sales-amount"} <= {e.name for e in client.search_experiments()}   # one experiment per model
     run = client.get_run(last_json(b.stdout)["metrics"]["mlflow_run_id"])
     assert run.data.params["target"] == "amount" and run.data.params["task"] == "regression"
@@ -182,7 +182,7 @@ def test_unservable_names_and_infinite_values_are_refused_at_training_naming_the
     assert p.returncode == 1 and "'tenure[months]' contains [ ]" in p.stderr and "'entity' is one of the prediction log" in p.stderr
     q = train(s, "with_inf.csv")
     assert q.returncode == 1 and "column 'monthly' has 12 infinite value(s)" in q.stderr
-    assert mlflow.MlflowClient(s.mlflow_tracking_uri).search_registered_models() == []
+    assert mlflow.MlflowClient(s.mlflow_tracking_uri, s.mlflow_registry_uri).search_registered_models() == []
 
 
 def test_time_column_in_text_needs_and_takes_a_time_format(tmp_path):

@@ -318,11 +318,13 @@ def test_mlnb_drift_compares_any_two_files(tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout)["status"] == "insufficient data"
 
 
-def test_monitor_pipeline_runs_with_papermill_on_a_trained_home(trained_home):
+def test_monitor_pipeline_runs_with_papermill_on_a_trained_home(trained_home, tmp_path):
     "`mlnb run monitor` (real papermill) on a home with a champion and a logged week of real flights."
     from mlnb.examples.flights import build_training_set
     from mlnb.pipeline import run_pipeline
-    s, bundle = trained_home.settings, trained_home.bundle
+    bundle = trained_home.bundle
+    # a log of its own: the session's shared home also holds what other tests served today
+    s = trained_home.settings.replace(predictions_store=str(tmp_path/"predictions"))
     flights = build_training_set(s, months=(7, 7)).sort("sched_dep_ts")
     flights = flights.filter(pl.col("sched_dep_ts").dt.day() <= 9)
     preds = bundle.predict_frame(flights)
@@ -332,7 +334,7 @@ def test_monitor_pipeline_runs_with_papermill_on_a_trained_home(trained_home):
     with PredictionLog(s, bundle.spec, start=False) as log:
         log.append(recs)
     from mlnb.timeline import log_days
-    n_days = len(log_days(s.predictions_dir))                      # UTC days of the logged flights
+    n_days = len(log_days(tmp_path/"predictions"))                      # UTC days of the logged flights
     run = run_pipeline("monitor", {"period": "day"}, s)
     m = run.metrics["monitor"]
     assert m["model_name"] == bundle.name and m["chunks"] == n_days and m["rows_scanned"] == flights.height
